@@ -1,0 +1,57 @@
+"""videoxl2: Video-XL-2 long-video understanding on current transformers.
+
+    from videoxl2 import load_model, load_tokenizer
+    model = load_model("path/to/Video-XL-2")
+    tokenizer = load_tokenizer("path/to/Video-XL-2")
+    print(model.chat("video.mp4", tokenizer, "What happens?", max_num_frames=256))
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from .config import VideoXL2Config
+from .errors import CheckpointError, ConfigError, InputError, MediaNotFoundError, VideoDecodeError, VideoXL2Error
+from .modeling.checkpoint import load_model
+from .modeling.videoxl2 import VideoXL2ForCausalLM
+
+__version__ = "0.1.0"
+
+AutoConfig.register(VideoXL2Config.model_type, VideoXL2Config, exist_ok=True)
+AutoModel.register(VideoXL2Config, VideoXL2ForCausalLM, exist_ok=True)
+AutoModelForCausalLM.register(VideoXL2Config, VideoXL2ForCausalLM, exist_ok=True)
+
+
+def load_tokenizer(path):
+    """The tokenizer saved beside a checkpoint (Qwen2.5's for the release), read from disk only."""
+    from pathlib import Path
+
+    try:
+        return AutoTokenizer.from_pretrained(Path(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: no usable tokenizer files ({err})") from err
+
+
+def __getattr__(name):
+    # Heavy engine pieces load on first use, keeping `import videoxl2` light.
+    if name in ("VideoSession", "Answer"):
+        from .engine import session
+
+        return getattr(session, name)
+    if name == "EngineSettings":
+        from .engine.settings import EngineSettings
+
+        return EngineSettings
+    raise AttributeError(f"module 'videoxl2' has no attribute {name!r}")
+
+
+__all__ = [
+    "VideoXL2Config",
+    "VideoXL2ForCausalLM",
+    "load_model",
+    "load_tokenizer",
+    "VideoXL2Error",
+    "InputError",
+    "MediaNotFoundError",
+    "VideoDecodeError",
+    "CheckpointError",
+    "ConfigError",
+]

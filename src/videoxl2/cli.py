@@ -1,0 +1,134 @@
+"""The `videoxl2` command. Every failure we foresee ends with one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import VideoXL2Error
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder (the release's or ours)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16")
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=["dense", "chunked", "bilevel"], default=None, help="engine mode")
+    parser.add_argument("--block-size", type=int, default=None, help="groups per pre-fill block (chunked)")
+    parser.add_argument("--prev-blocks", type=int, default=None, help="earlier blocks a block sees (chunked)")
+    parser.add_argument("--unit-size", type=int, default=None, help="groups per selection unit (bilevel)")
+    parser.add_argument("--topk", type=int, default=None, help="relevant units kept dense (bilevel)")
+    parser.add_argument("--compression", type=int, default=None, help="visual KV pooling step (bilevel)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="videoxl2", description="Video-XL-2 long-video understanding")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    chat = commands.add_parser("chat", help="answer a question about a video or image file")
+    chat.add_argument("video", help="video or image file")
+    chat.add_argument("question")
+    _add_model_args(chat)
+    _add_engine_args(chat)
+    chat.add_argument("--max-frames", type=int, default=512, help="most frames sampled (default 512)")
+    chat.add_argument("--fps", type=float, default=1.0, help="sampling rate in frames per second (default 1)")
+    chat.add_argument("--max-fps", type=float, default=None, help="raise the rate up to this for short videos")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.add_argument("--json", action="store_true", help="print answer, frames, timestamps, stats as JSON")
+
+    tiny = commands.add_parser("init-tiny", help="write a randomly initialised tiny checkpoint (for trying things)")
+    tiny.add_argument("path")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    synth = commands.add_parser("synth-video", help="write a small synthetic test video")
+    synth.add_argument("path")
+    synth.add_argument("--frames", type=int, default=64)
+    synth.add_argument("--fps", type=float, default=4.0)
+    synth.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _engine_overrides(args) -> dict:
+    return dict(
+        mode=args.mode,
+        block_size=args.block_size,
+        prev_blocks=args.prev_blocks,
+        unit_size=args.unit_size,
+        topk=args.topk,
+        compression=args.compression,
+    )
+
+
+def run_chat(args) -> int:
+    import torch
+
+    from . import load_model, load_tokenizer
+    from .engine.session import VideoSession
+    from .engine.settings import EngineSettings
+
+    start = time.perf_counter()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    load_s = time.perf_counter() - start
+    settings = EngineSettings.from_config(model.config, **_engine_overrides(args))
+    generation = dict(max_new_tokens=args.max_new_tokens)
+    if args.temperature > 0:
+        generation.update(do_sample=True, temperature=args.temperature)
+    with torch.inference_mode():
+        session = VideoSession.from_path(
+            model,
+            tokenizer,
+            args.video,
+            max_num_frames=args.max_frames,
+            sample_fps=args.fps,
+            max_sample_fps=args.max_fps,
+            settings=settings,
+            progress=False if args.json else None,
+        )
+        answer = session.ask(args.question, generation_config=generation)
+    if args.json:
+        stats = dict(answer.stats)
+        stats["load_s"] = load_s
+        record = dict(answer=answer.text, frames=len(session.timestamps), timestamps=session.timestamps, stats=stats)
+        print(json.dumps(record, indent=2))
+    else:
+        print(answer.text)
+    return 0
+
+
+def run_init_tiny(args) -> int:
+    from .tiny import save_tiny_checkpoint
+
+    print(save_tiny_checkpoint(args.path, seed=args.seed))
+    return 0
+
+
+def run_synth_video(args) -> int:
+    from .video.synthetic import write_synthetic_video
+
+    print(write_synthetic_video(args.path, num_frames=args.frames, fps=args.fps, seed=args.seed))
+    return 0
+
+
+COMMANDS = {"chat": run_chat, "init-tiny": run_init_tiny, "synth-video": run_synth_video}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except VideoXL2Error as err:
+        print(f"videoxl2: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("videoxl2: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The network: vision tower, DTS, projector and the assembled VideoXL2ForCausalLM."""

@@ -1,0 +1,157 @@
+"""Loading checkpoints: the released `BAAI/Video-XL-2` folder unchanged, and our own `save_pretrained` output.
+
+The release is a LLaVA-style `llava_qwen` model whose weight names follow transformers 4.x (SigLIP nested in
+`vision_model`, DTS under `model.sae`, projector as `model.mm_projector.{0,2}`). We check every name and
+shape against the model from the safetensors headers first (cheap, precise errors), then let transformers'
+`from_pretrained` do the loading with an explicit rename table. Nothing here ever reaches a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..config import VideoXL2Config
+from ..errors import CheckpointError, ConfigError
+
+# Release name -> our name, first match wins. `None` drops the weight (accepted but unused).
+RELEASE_RENAMES: list[tuple[str, str | None]] = [
+    (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
+    (r"^model\.sae\.", "dts."),
+    (r"^model\.mm_projector\.0\.", "projector.linear_1."),
+    (r"^model\.mm_projector\.2\.", "projector.linear_2."),
+    (r"^model\.text_mlp\.", None),
+    (r"^model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+]
+RELEASE_MODEL_TYPES = {"llava_qwen", "llava_qwen2", "videoxl2_qwen"}
+_LIST_LIMIT = 20
+
+
+def rename_release_key(name: str) -> str | None:
+    for pattern, target in RELEASE_RENAMES:
+        if re.match(pattern, name):
+            return None if target is None else re.sub(pattern, target, name, count=1)
+    return name
+
+
+def read_config(path: Path) -> tuple[VideoXL2Config, bool]:
+    """Our config from `config.json`; the flag says whether the folder is in the release's format."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a Video-XL-2 checkpoint folder)")
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from err
+    model_type = raw.get("model_type")
+    try:
+        if model_type == VideoXL2Config.model_type:
+            return VideoXL2Config.from_dict(raw), False
+        if model_type in RELEASE_MODEL_TYPES or "LlavaQwenForCausalLM" in (raw.get("architectures") or []):
+            return VideoXL2Config.from_release_dict(raw), True
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: {err}") from err
+    raise CheckpointError(f"{file}: model_type {model_type!r} is neither 'videoxl2' nor the release's 'llava_qwen'")
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: unreadable index ({err})") from err
+        files = [path / n for n in names]
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: index names missing shard files: {', '.join(missing)}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from the safetensors headers, without reading the tensors."""
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+    return shapes
+
+
+def expected_shapes(config: VideoXL2Config) -> dict[str, tuple[int, ...]]:
+    from .videoxl2 import VideoXL2ForCausalLM
+
+    with torch.device("meta"):
+        model = VideoXL2ForCausalLM(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_LIST_LIMIT])
+    more = f" ... and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else ""
+    return f"{title} ({len(items)}): {shown}{more}"
+
+
+def check_weights(path: Path, config: VideoXL2Config, release: bool, files: list[Path]) -> None:
+    """Compare the checkpoint's names/shapes (renamed if it is the release's) with the model's."""
+    found = read_shapes(files)
+    expected = expected_shapes(config)
+    renamed: dict[str, str] = {}
+    for name in found:
+        target = rename_release_key(name) if release else name
+        if target is not None:
+            renamed[target] = name
+    missing = sorted(set(expected) - set(renamed))
+    unexpected = sorted(renamed[n] for n in set(renamed) - set(expected))
+    mismatched = sorted(
+        f"{renamed[n]} {found[renamed[n]]} (expected {expected[n]})"
+        for n in set(renamed) & set(expected)
+        if tuple(found[renamed[n]]) != expected[n]
+    )
+    problems = [
+        _listing(title, items)
+        for title, items in (
+            ("missing weights", missing),
+            ("unexpected weights", unexpected),
+            ("weights with the wrong shape", mismatched),
+        )
+        if items
+    ]
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
+
+
+def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
+    """Load a Video-XL-2 checkpoint folder (release or ours) onto `device` in `dtype` (default: float32 on
+    CPU, bfloat16 elsewhere). Raises `CheckpointError` naming what is wrong."""
+    from .videoxl2 import VideoXL2ForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder")
+    config, release = read_config(path)
+    files = weight_files(path)
+    check_weights(path, config, release, files)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    # The release's unused text_mlp is renamed out of the language model's way, then ignored.
+    key_mapping = {p: (t if t is not None else "text_mlp.") for p, t in RELEASE_RENAMES} if release else None
+    model = VideoXL2ForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, device_map={"": device}, key_mapping=key_mapping, local_files_only=True
+    )
+    return model.eval()

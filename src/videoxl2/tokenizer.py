@@ -1,0 +1,48 @@
+"""A small byte-level BPE tokenizer with Qwen's ChatML special tokens, for tiny and demo models.
+
+The released model uses Qwen2.5's tokenizer from its checkpoint folder. Tiny models (tests, benchmarks,
+the bundled demo model) need one that is built here, offline, in milliseconds, and that round-trips any
+text (byte level), so the same prompt code runs unchanged on both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"]
+
+_BASE_CORPUS = [
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+    "<|im_start|>user\n",
+    "<|im_start|>assistant\n",
+    *[f"Time {t / 10}s:" for t in range(0, 2000, 7)],
+    "What is shown in the video? Which colour, shape, digit or object appears, when and how many times?",
+    "Answer with the option's letter from the given choices directly. Best option: (A) (B) (C) (D) (E)",
+    "The answer is red green blue yellow cyan magenta white black orange purple square circle triangle.",
+    "first second third before after seconds minutes start end from to 0 1 2 3 4 5 6 7 8 9 .",
+]
+
+
+def build_tiny_tokenizer(extra_corpus: Iterable[str] = (), vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on a fixed built-in corpus (+ `extra_corpus`); deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator([*(_BASE_CORPUS * 4), *extra_corpus], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|vision_pad|>"],
+        model_max_length=32768,
+    )
