@@ -1,0 +1,102 @@
+"""Prompt text, time rewriting and the token layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from videoxl2 import InputError
+from videoxl2.prompt import IMAGE_MARKER, build_layout, build_prompt, normalize_history, rewrite_times, time_text
+from videoxl2.tokenizer import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def test_chatml_prompt_matches_release_template():
+    assert build_prompt("How many people?") == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nHow many people?"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_multi_turn_history_places_image_in_first_turn():
+    prompt = build_prompt("And then?", [("What is red?", "A ball.")])
+    assert prompt.count(IMAGE_MARKER) == 1
+    assert prompt.endswith(
+        "user\n<image>\nWhat is red?<|im_end|>\n<|im_start|>assistant\nA ball.<|im_end|>\n"
+        "<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    dicts = [{"role": "user", "content": "What is red?"}, {"role": "assistant", "content": "A ball."}]
+    assert normalize_history(dicts) == [("What is red?", "A ball.")]
+
+
+def test_existing_image_marker_is_not_duplicated():
+    assert build_prompt("<image>\nWhat?").count(IMAGE_MARKER) == 1
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("at 01:05 and 12:30", "at 65 seconds and 750 seconds"),
+        ("from 1:02:03 on", "from 3723 seconds on"),
+        ("between 24:49-26:00", "between 1489 seconds-1560 seconds"),
+        ("ratio 3:2:1:0 stays", "ratio 3:2:1:0 stays"),
+        ("no times here", "no times here"),
+    ],
+)
+def test_rewrite_times(text, expected):
+    assert rewrite_times(text) == expected
+
+
+def test_question_times_are_rewritten_in_prompt():
+    assert "What happens at 90 seconds?" in build_prompt("What happens at 01:30?")
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "Time 0.0s:"), (12.5, "Time 12.5s:"), (3.04, "Time 3.0s:"), (61.26, "Time 61.3s:")])
+def test_time_text(seconds, text):
+    assert time_text(seconds) == text
+
+
+@pytest.mark.parametrize("question", ["", "   ", None])
+def test_empty_question_is_rejected(question):
+    with pytest.raises(InputError, match="question is empty"):
+        build_prompt(question)
+
+
+def test_bad_history_is_rejected():
+    with pytest.raises(InputError, match="chat_history"):
+        normalize_history([{"role": "robot", "content": "x"}])
+    with pytest.raises(InputError, match="chat_history"):
+        normalize_history([("only one",)])
+
+
+def test_layout_spans(tokenizer):
+    prompt = build_prompt("What colour?")
+    layout = build_layout(tokenizer, prompt, [0.0, 4.0, 8.5], tokens_per_group=5, video_token_id=3)
+    ids = layout.input_ids
+    prefix = tokenizer(prompt.split(IMAGE_MARKER)[0], add_special_tokens=False)["input_ids"]
+    assert ids[: layout.video_start].tolist() == prefix
+    for group, seconds in zip(layout.groups, [0.0, 4.0, 8.5]):
+        assert tokenizer.decode(ids[group.time_start : group.visual_start]) == f"Time {seconds}s:"
+        assert ids[group.visual_start : group.end].tolist() == [3] * 5
+        assert group.seconds == seconds
+    assert layout.groups[0].time_start == layout.video_start
+    assert layout.groups[-1].end == layout.video_end
+    assert tokenizer.decode(ids[layout.video_end :]) == prompt.split(IMAGE_MARKER)[1]
+    assert int(layout.visual_mask().sum()) == 15
+    assert int(layout.time_mask().sum()) == sum(g.visual_start - g.time_start for g in layout.groups)
+    assert not (layout.visual_mask() & layout.time_mask()).any()
+
+
+def test_layout_rejects_over_context(tokenizer):
+    with pytest.raises(InputError, match="over the model's context of 100"):
+        build_layout(tokenizer, build_prompt("q"), [0.0] * 10, 16, 3, max_length=100)
+
+
+def test_layout_needs_one_marker(tokenizer):
+    with pytest.raises(InputError, match="exactly one <image>"):
+        build_layout(tokenizer, "no marker", [0.0], 4, 3)
+    assert isinstance(build_layout(tokenizer, "<image>", [0.0], 4, 3).input_ids, torch.Tensor)
