@@ -18,9 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError, MediaNotFoundError
-from ..generation import GenerationSettings, decode_answer, generate_tokens
+from ..generation import GenerationSettings, decode_answer
 from ..prompt import IMAGE_MARKER, TokenLayout, build_layout, build_prompt
 from ..video import expand_to_square, iter_frame_batches, load_image, plan_sampling, preprocess_frames, probe_video
+from .decode import answer_from_cache
+from .memory import VideoMemory
+from .prefill import StreamingPrefill
+from .select import choose_units, score_units
 from .settings import EngineSettings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -41,7 +45,7 @@ class VideoSession:
         self,
         model,
         tokenizer,
-        frame_batches: Callable[[], Iterator[np.ndarray]],
+        frame_batches: Callable[[int], Iterator[np.ndarray]],
         timestamps: Sequence[float],
         settings: EngineSettings | None = None,
         source: str = "<frames>",
@@ -68,7 +72,8 @@ class VideoSession:
                 f"{source}: {len(self.timestamps)} frames make {self.layout.length} tokens, over the model's "
                 f"context of {config.context_limit}: lower max_num_frames"
             )
-        self.cache = None
+        self.memory: VideoMemory | None = None
+        self.runner = None
         self.stats: dict = {"frames": len(self.timestamps), "groups": len(self.group_seconds)}
 
     # -- construction ----------------------------------------------------------------------------------
@@ -90,10 +95,10 @@ class VideoSession:
             raise MediaNotFoundError(f"{path}: no such file")
         if path.suffix.lower() in IMAGE_SUFFIXES:
             image = expand_to_square(load_image(path))
-            return cls(model, tokenizer, lambda: iter([image[None]]), [0.0], settings, str(path), progress)
+            return cls(model, tokenizer, lambda size: iter([image[None]]), [0.0], settings, str(path), progress)
         info = probe_video(path)
         plan = plan_sampling(info.num_frames, info.avg_fps, max_num_frames, sample_fps, max_sample_fps)
-        batches = lambda: iter_frame_batches(path, plan.indices, batch_size=FRAME_BATCH)  # noqa: E731
+        batches = lambda size: iter_frame_batches(path, plan.indices, batch_size=size)  # noqa: E731
         session = cls(model, tokenizer, batches, plan.timestamps, settings, str(path), progress)
         session.stats["sampled_indices"] = list(plan.indices)
         session.stats["video_fps"] = info.avg_fps
@@ -105,7 +110,7 @@ class VideoSession:
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) != len(timestamps):
             raise InputError(f"frames must be (F, H, W, 3) with one timestamp each, got {frames.shape}")
-        batches = lambda: (frames[i : i + FRAME_BATCH] for i in range(0, len(frames), FRAME_BATCH))  # noqa: E731
+        batches = lambda size: (frames[i : i + size] for i in range(0, len(frames), size))  # noqa: E731
         return cls(model, tokenizer, batches, timestamps, **kwargs)
 
     # -- pre-fill -----------------------------------------------------------------------------------------
@@ -113,14 +118,18 @@ class VideoSession:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
-    def iter_group_embeddings(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (first group index, visual embeddings) batch by batch, timing decode and vision."""
+    def frames_per_batch(self) -> int:
+        """Frames decoded and encoded at a time: a whole number of pre-fill blocks."""
+        block = self.model.config.frames_per_group * self.settings.block_size
+        return max(1, FRAME_BATCH // block) * block
+
+    def iter_group_embeddings(self) -> Iterator[torch.Tensor]:
+        """Visual embeddings batch by batch (decode -> preprocess -> vision -> DTS -> projector), timed."""
         model, config = self.model, self.model.config
         size = config.vision_config.image_size
         dtype = model.get_input_embeddings().weight.dtype
-        group = 0
-        frames_seen = 0
-        batches = self._frame_batches()
+        groups = frames_seen = 0
+        batches = self._frame_batches(self.frames_per_batch())
         while True:
             start = time.perf_counter()
             batch = next(batches, None)
@@ -132,91 +141,94 @@ class VideoSession:
             embeds = model.encode_video(pixels)
             self._add_time("vision_s", start)
             frames_seen += len(batch)
-            yield group, embeds
-            group += embeds.shape[0]
-        if group != self.layout.num_groups:
+            groups += embeds.shape[0]
+            yield embeds
+        if groups != self.layout.num_groups:
             raise InputError(
-                f"{self.source}: decoded {frames_seen} frames ({group} groups), expected {len(self.timestamps)} frames"
+                f"{self.source}: decoded {frames_seen} frames, expected {len(self.timestamps)} (the file may be truncated)"
             )
 
     def _add_time(self, key: str, start: float) -> None:
         self.stats[key] = self.stats.get(key, 0.0) + time.perf_counter() - start
 
     @torch.inference_mode()
-    def prefill(self) -> None:
-        """Stream the video into the KV store (dense mode: a plain causal cache)."""
-        if self.cache is not None:
-            return
-        from transformers import DynamicCache
-
-        model, layout = self.model, self.layout
-        self.cache = DynamicCache(config=model.config.text_config)
-        self._run_tokens(layout.input_ids[: layout.video_start], start=0)
-        bar = tqdm(total=layout.num_groups, desc="prefill", unit="group", disable=self._quiet())
-        for first, embeds in self.iter_group_embeddings():
-            last = first + embeds.shape[0] - 1
-            span_start, span_end = layout.groups[first].time_start, layout.groups[last].end
+    def prefill(self) -> VideoMemory:
+        """Stream the video into a VideoMemory (once; later calls return it)."""
+        if self.memory is not None:
+            return self.memory
+        settings = self.settings
+        bar = tqdm(total=self.layout.num_groups, desc="prefill", unit="group", disable=self._quiet())
+        prefill = StreamingPrefill(
+            self.model, self.layout, settings.mode != "dense", settings.block_size, settings.prev_blocks
+        )
+        prefill.run_prefix()
+        for embeds in self.iter_group_embeddings():
             start = time.perf_counter()
-            ids = layout.input_ids[span_start:span_end].to(self.device)
-            self._run_embeds(model.embed_inputs(ids, embeds), start=span_start)
+            prefill.add_groups(embeds)
             self._add_time("prefill_s", start)
             bar.update(embeds.shape[0])
         bar.close()
-        self.stats["video_tokens"] = layout.video_end
-        self.stats["kv_bytes"] = kv_bytes(self.cache)
+        self.runner = prefill.runner
+        self.memory = VideoMemory.from_store(
+            prefill.store, self.layout, prefill.runner, settings.unit_size, settings.compression
+        )
+        actual, dense = prefill.stats.flops(prefill.runner)
+        self.stats.update(
+            video_tokens=self.layout.video_end,
+            prefill_attention_flops=actual,
+            dense_attention_flops=dense,
+            dense_kv_bytes=self.memory.dense_bytes(),
+            sparse_kv_bytes=self.memory.sparse_bytes(),
+        )
+        return self.memory
 
     def _quiet(self) -> bool | None:
         return None if self.progress is None else not self.progress
 
-    def _run_tokens(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        return self._run_embeds(self.model.get_input_embeddings()(ids.to(self.device)), start)
-
-    def _run_embeds(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
-        """Causal forward of `embeds` at positions start.. on top of the cache; returns last hidden states."""
-        positions = torch.arange(start, start + embeds.shape[0], device=self.device)[None]
-        out = self.model.llm(inputs_embeds=embeds[None], position_ids=positions, past_key_values=self.cache, use_cache=True)
-        return out.last_hidden_state[0]
-
     # -- questions -------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def ask(self, question: str, history=None, generation_config: dict | None = None) -> Answer:
-        """Answer one question (after `history` turns) from the stored video; the store is left unchanged."""
-        settings = GenerationSettings.from_dict(generation_config)
+    def question_ids(self, question: str, history=None) -> torch.Tensor:
+        """Token ids of the text after the video: question, earlier turns, and the assistant header."""
         suffix_text = build_prompt(question, history).split(IMAGE_MARKER, 1)[1]
-        suffix = torch.tensor(self.tokenizer(suffix_text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        total = self.layout.video_end + suffix.numel() + int(settings.max_new_tokens)
+        return torch.tensor(self.tokenizer(suffix_text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    @torch.inference_mode()
+    def ask(self, question: str, history=None, generation_config: dict | None = None, units=None) -> Answer:
+        """Answer one question (after `history` turns) from the stored video; the memory is not changed.
+
+        `units`: an external selection of dense units (bilevel mode), replacing the model's own scoring.
+        """
+        settings = GenerationSettings.from_dict(generation_config)
+        question_ids = self.question_ids(question, history)
+        total = self.layout.video_end + question_ids.numel() + int(settings.max_new_tokens)
         if total > self.model.config.context_limit:
             raise InputError(
                 f"prompt and answer need {total} tokens, over the model's context of {self.model.config.context_limit}"
             )
-        self.prefill()
+        memory = self.prefill()
         start = time.perf_counter()
-        lm_head = self.model.get_output_embeddings()
-        length = self.layout.video_end
-        try:
-            hidden = self._run_tokens(suffix, start=length)
-            position = length + suffix.numel()
-
-            def step(token: int) -> torch.Tensor:
-                nonlocal position
-                h = self._run_tokens(torch.tensor([token]), start=position)
-                position += 1
-                return lm_head(h[-1])
-
-            ids = generate_tokens(lm_head(hidden[-1]), step, self.tokenizer, settings)
-        finally:
-            self.cache.crop(length)
         stats = dict(self.stats)
-        stats.update(mode=self.settings.mode, question_tokens=int(suffix.numel()), new_tokens=len(ids))
-        stats["answer_s"] = time.perf_counter() - start
+        dense_units, unit_scores = None, None
+        if self.settings.mode == "bilevel":
+            if units is None:
+                unit_scores = score_units(self.model, memory, question_ids, self.settings.rerotate)
+                dense_units = choose_units(unit_scores, self.settings.topk)
+            else:
+                dense_units = sorted({0, memory.num_units - 1, *units})
+            stats["select_s"] = time.perf_counter() - start
+        rerotate = self.settings.rerotate and self.settings.mode == "bilevel"
+        mixed = memory.assemble(self.runner, dense_units, rerotate=rerotate, device=self.device)
+        ids = answer_from_cache(self.model, self.tokenizer, mixed, question_ids, settings)
+        infos = memory.units()
+        for info in infos:
+            info.dense = info.index in mixed.dense_units
+            info.score = None if unit_scores is None else float(unit_scores[info.index])
+        stats.update(
+            mode=self.settings.mode,
+            question_tokens=int(question_ids.numel()),
+            new_tokens=len(ids),
+            kv_tokens=mixed.length,
+            kv_bytes=mixed.nbytes(),
+            units=[vars(info) for info in infos],
+            answer_s=time.perf_counter() - start,
+        )
         return Answer(decode_answer(self.tokenizer, ids, settings), ids, stats)
-
-
-def kv_bytes(cache) -> int:
-    """Bytes held by a transformers cache's key and value tensors."""
-    total = 0
-    for layer in cache.layers:
-        for tensor in (layer.keys, layer.values):
-            if tensor is not None and tensor.numel():
-                total += tensor.numel() * tensor.element_size()
-    return total
