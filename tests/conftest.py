@@ -27,4 +27,6 @@ def synthetic_video(tmp_path_factory):
     """22 frames at 4 fps (5.5 s): not a multiple of 4, so padding is exercised."""
     from videoxl2.video.synthetic import write_synthetic_video
 
-    return write_synthetic_video(tmp_path_factory.mktemp("video") / "clip.mp4", num_frames=22, fps=4.0, seed=0)
+    return write_synthetic_video(
+        tmp_path_factory.mktemp("video") / "clip.mp4", num_frames=22, fps=4.0, seed=0
+    )

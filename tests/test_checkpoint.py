@@ -19,7 +19,9 @@ FIXTURE = Path(__file__).parent / "fixtures" / "release_weights.tsv"
 
 
 def release_names() -> list[tuple[str, str]]:
-    rows = [line.split("\t") for line in FIXTURE.read_text().splitlines() if line and not line.startswith("#")]
+    rows = [
+        line.split("\t") for line in FIXTURE.read_text().splitlines() if line and not line.startswith("#")
+    ]
     return [(name, formula) for name, formula in rows]
 
 
@@ -46,16 +48,24 @@ def release_deep_config() -> VideoXL2Config:
     return tiny_config(text=dict(num_hidden_layers=28), vision=dict(num_hidden_layers=26))
 
 
-def write_release_checkpoint(folder: Path, config: VideoXL2Config, drop=(), rename=None) -> dict[str, torch.Tensor]:
+def write_release_checkpoint(
+    folder: Path, config: VideoXL2Config, drop=(), rename=None
+) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    weights = {name: torch.randn(shape_of(formula, config), generator=generator) * 0.1 for name, formula in release_names()}
+    weights = {
+        name: torch.randn(shape_of(formula, config), generator=generator) * 0.1
+        for name, formula in release_names()
+    }
     written = {k: v for k, v in weights.items() if k not in drop}
     if rename:
         written[rename[1]] = written.pop(rename[0])
     names = sorted(written)
     half = len(names) // 2
     folder.mkdir(parents=True, exist_ok=True)
-    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
     for file, keys in shards.items():
         save_file({k: written[k].contiguous() for k in keys}, folder / file)
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
@@ -142,7 +152,10 @@ def test_renamed_and_missing_keys_are_listed(tmp_path):
         load_model(tmp_path / "bad")
     message = str(info.value)
     assert "missing weights (2)" in message
-    assert "dts.temporal_encoding" in message and "language_model.model.layers.3.self_attn.q_proj.weight" in message
+    assert (
+        "dts.temporal_encoding" in message
+        and "language_model.model.layers.3.self_attn.q_proj.weight" in message
+    )
     assert "unexpected weights (1): model.layers.3.self_attn.query.weight" in message
 
 
@@ -179,7 +192,10 @@ def test_our_format_round_trip_and_automodel(tiny, tiny_checkpoint):
         (lambda d: None, "no config.json"),
         (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
         (lambda d: (d / "config.json").write_text('{"model_type": "bert"}'), "model_type 'bert'"),
-        (lambda d: (d / "config.json").write_text(json.dumps(tiny_config().to_dict())), "no model.safetensors"),
+        (
+            lambda d: (d / "config.json").write_text(json.dumps(tiny_config().to_dict())),
+            "no model.safetensors",
+        ),
     ],
 )
 def test_bad_folders(tmp_path, setup, expected):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from videoxl2.engine.decode import answer_from_cache, question_logits, to_dynamic_cache
+from videoxl2.engine.decode import answer_from_cache, run_on_cache
 from videoxl2.engine.memory import VideoMemory
 from videoxl2.engine.prefill import prefill_video
 from videoxl2.engine.reference import chunk_visibility, reference_forward
@@ -16,6 +17,22 @@ from videoxl2.generation import GenerationSettings
 from videoxl2.prompt import build_layout, build_prompt
 
 GROUPS = 13
+
+
+def to_dynamic_cache(mixed, text_config) -> DynamicCache:
+    """transformers' own cache holding an assembled cache: the independent path for cross-checks."""
+    cache = DynamicCache(config=text_config)
+    for layer, (keys, values) in enumerate(zip(mixed.keys, mixed.values)):
+        cache.update(keys[None, :, : mixed.length], values[None, :, : mixed.length], layer)
+    return cache
+
+
+@torch.inference_mode()
+def question_logits(model, cache, question_ids, start):
+    """Logits of the last question token, by transformers' Qwen2 forward on `cache`."""
+    positions = torch.arange(start, start + question_ids.numel())[None]
+    out = model.llm(input_ids=question_ids[None], position_ids=positions, cache=cache, use_cache=True)
+    return model.get_output_embeddings()(out.last_hidden_state[0, -1])
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +46,9 @@ def case(tiny):
         config.tokens_per_group,
         config.video_token_id,
     )
-    embeds = torch.randn(GROUPS, config.tokens_per_group, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    embeds = torch.randn(
+        GROUPS, config.tokens_per_group, config.hidden_size, generator=torch.Generator().manual_seed(1)
+    )
     return model, tokenizer, layout, embeds
 
 
@@ -46,7 +65,9 @@ def max_error(a, b) -> float:
 @pytest.mark.parametrize("block_size, prev_blocks", [(1, 0), (2, 1), (4, 1), (3, 2), (4, 3)])
 def test_chunked_prefill_equals_reference(case, block_size, prev_blocks):
     model, _, layout, embeds = case
-    ref_logits, ref_cache = reference_forward(model, layout, embeds, chunk_visibility(layout, block_size, prev_blocks))
+    ref_logits, ref_cache = reference_forward(
+        model, layout, embeds, chunk_visibility(layout, block_size, prev_blocks)
+    )
     with torch.inference_mode():
         prefill = prefill_video(model, layout, batches(embeds, block_size), True, block_size, prev_blocks)
     end = layout.video_end
@@ -57,7 +78,9 @@ def test_chunked_prefill_equals_reference(case, block_size, prev_blocks):
     memory = VideoMemory.from_store(prefill.store, layout, prefill.runner, 4, 4)
     mixed = memory.assemble(prefill.runner, None, rerotate=False)
     with torch.inference_mode():
-        logits = question_logits(model, to_dynamic_cache(mixed, model.config.text_config), layout.input_ids[end:], end)
+        logits = question_logits(
+            model, to_dynamic_cache(mixed, model.config.text_config), layout.input_ids[end:], end
+        )
     err = max_error(logits, ref_logits[-1])
     assert err <= 1e-4, f"question logits differ from the reference by {err:.2e}"
     if -(-GROUPS // block_size) > prev_blocks + 1:  # some block cannot see all earlier ones
@@ -102,9 +125,13 @@ def test_bilevel_with_every_unit_selected_equals_chunked(case):
     prefill, memory = build_memory(case)
     question = layout.input_ids[layout.video_end :]
     settings = GenerationSettings(max_new_tokens=12)
-    chunked = answer_from_cache(model, tokenizer, memory.assemble(prefill.runner, None, rerotate=False), question, settings)
+    chunked = answer_from_cache(
+        model, tokenizer, memory.assemble(prefill.runner, None, rerotate=False), question, settings
+    )
     every = list(range(memory.num_units))
-    bilevel = answer_from_cache(model, tokenizer, memory.assemble(prefill.runner, every, rerotate=True), question, settings)
+    bilevel = answer_from_cache(
+        model, tokenizer, memory.assemble(prefill.runner, every, rerotate=True), question, settings
+    )
     assert len(chunked) == 12 and bilevel == chunked
 
 
@@ -114,8 +141,16 @@ def hand_built_cache(case, selected, unit_size, compression=4):
     captured = {}
     hooks = []
     for i, layer in enumerate(model.llm.layers):
-        hooks.append(layer.self_attn.k_proj.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(("k", i), out)))
-        hooks.append(layer.self_attn.v_proj.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(("v", i), out)))
+        hooks.append(
+            layer.self_attn.k_proj.register_forward_hook(
+                lambda m, a, out, i=i: captured.__setitem__(("k", i), out)
+            )
+        )
+        hooks.append(
+            layer.self_attn.v_proj.register_forward_hook(
+                lambda m, a, out, i=i: captured.__setitem__(("v", i), out)
+            )
+        )
     try:
         reference_forward(model, layout, embeds, chunk_visibility(layout, 2, 1))
     finally:
@@ -138,7 +173,9 @@ def hand_built_cache(case, selected, unit_size, compression=4):
                 for source, pieces in ((k, pieces_k), (v, pieces_v)):
                     pieces.append(source[:, g.time_start : g.visual_start])
                     visual = source[:, g.visual_start : g.end]
-                    pieces.append(torch.nn.functional.avg_pool1d(visual.transpose(1, 2), compression).transpose(1, 2))
+                    pieces.append(
+                        torch.nn.functional.avg_pool1d(visual.transpose(1, 2), compression).transpose(1, 2)
+                    )
         keys.append(torch.cat(pieces_k, 1))
         values.append(torch.cat(pieces_v, 1))
     length = keys[0].shape[1]
@@ -154,7 +191,10 @@ def test_external_selection_cache_equals_hand_built(case):
     keys, values = hand_built_cache(case, set(selected), unit_size=2)
     assert mixed.length == keys[0].shape[1] == mixed.next_position
     for layer in range(len(keys)):
-        err_k, err_v = max_error(mixed.keys[layer], keys[layer]), max_error(mixed.values[layer], values[layer])
+        err_k, err_v = (
+            max_error(mixed.keys[layer], keys[layer]),
+            max_error(mixed.values[layer], values[layer]),
+        )
         assert err_k <= 1e-4 and err_v <= 1e-4, f"layer {layer}: K err {err_k:.2e}, V err {err_v:.2e}"
     assert mixed.dense_units == selected
     dense = memory.assemble(prefill.runner, None)
@@ -187,6 +227,33 @@ def test_scores_equal_attention_mass_from_reference_attention(case):
     err = max_error(scores, expected)
     assert err <= 1e-5, f"scores differ from the hand-computed attention mass by {err:.2e}"
     assert scores.numel() == memory.num_units and 0 < scores.sum() < 1
+
+
+@pytest.mark.parametrize("rerotate", [True, False])
+def test_engine_decode_equals_transformers_decode(case, rerotate):
+    """Our preallocated-cache decode = transformers' forward on a DynamicCache, on a mixed cache."""
+    model, _, layout, _ = case
+    prefill, memory = build_memory(case)
+    question = layout.input_ids[layout.video_end :]
+    mixed = memory.assemble(prefill.runner, [0, 3, memory.num_units - 1], rerotate=rerotate, reserve=2)
+    expected = question_logits(
+        model, to_dynamic_cache(mixed, model.config.text_config), question, mixed.next_position
+    )
+    start = mixed.next_position
+    logits = run_on_cache(prefill.runner, model, mixed, question)
+    assert max_error(logits, expected) <= 1e-4, f"decode logits differ by {max_error(logits, expected):.2e}"
+    assert mixed.next_position == start + question.numel()
+    following = run_on_cache(prefill.runner, model, mixed, torch.tensor([7]))  # grows past the reserve
+    fresh = memory.assemble(prefill.runner, [0, 3, memory.num_units - 1], rerotate=rerotate)
+    expected = question_logits(
+        model,
+        to_dynamic_cache(fresh, model.config.text_config),
+        torch.cat([question, torch.tensor([7])]),
+        start,
+    )
+    assert max_error(following, expected) <= 1e-4, (
+        f"next-token logits differ by {max_error(following, expected):.2e}"
+    )
 
 
 def test_choose_units_keeps_first_and_last():

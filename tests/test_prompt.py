@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from videoxl2 import InputError
-from videoxl2.prompt import IMAGE_MARKER, build_layout, build_prompt, normalize_history, rewrite_times, time_text
+from videoxl2.prompt import (
+    IMAGE_MARKER,
+    build_layout,
+    build_prompt,
+    normalize_history,
+    rewrite_times,
+    time_text,
+)
 from videoxl2.tokenizer import build_tiny_tokenizer
 
 
@@ -17,7 +24,8 @@ def tokenizer():
 
 def test_chatml_prompt_matches_release_template():
     assert build_prompt("How many people?") == (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nHow many people?"
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nHow many people?"
         "<|im_end|>\n<|im_start|>assistant\n"
     )
 
@@ -55,7 +63,9 @@ def test_question_times_are_rewritten_in_prompt():
     assert "What happens at 90 seconds?" in build_prompt("What happens at 01:30?")
 
 
-@pytest.mark.parametrize("seconds, text", [(0, "Time 0.0s:"), (12.5, "Time 12.5s:"), (3.04, "Time 3.0s:"), (61.26, "Time 61.3s:")])
+@pytest.mark.parametrize(
+    "seconds, text", [(0, "Time 0.0s:"), (12.5, "Time 12.5s:"), (3.04, "Time 3.0s:"), (61.26, "Time 61.3s:")]
+)
 def test_time_text(seconds, text):
     assert time_text(seconds) == text
 

@@ -1,15 +1,22 @@
 """videoxl2: Video-XL-2 long-video understanding on current transformers.
 
-    from videoxl2 import load_model, load_tokenizer
-    model = load_model("path/to/Video-XL-2")
-    tokenizer = load_tokenizer("path/to/Video-XL-2")
-    print(model.chat("video.mp4", tokenizer, "What happens?", max_num_frames=256))
+from videoxl2 import load_model, load_tokenizer
+model = load_model("path/to/Video-XL-2")
+tokenizer = load_tokenizer("path/to/Video-XL-2")
+print(model.chat("video.mp4", tokenizer, "What happens?", max_num_frames=256))
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .config import VideoXL2Config
-from .errors import CheckpointError, ConfigError, InputError, MediaNotFoundError, VideoDecodeError, VideoXL2Error
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    MediaNotFoundError,
+    VideoDecodeError,
+    VideoXL2Error,
+)
 from .modeling.checkpoint import load_model
 from .modeling.videoxl2 import VideoXL2ForCausalLM
 

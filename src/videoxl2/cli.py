@@ -13,7 +13,9 @@ from .errors import VideoXL2Error
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (the release's or ours)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16")
+    parser.add_argument(
+        "--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16"
+    )
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -36,12 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     chat.add_argument("--max-frames", type=int, default=512, help="most frames sampled (default 512)")
     chat.add_argument("--fps", type=float, default=1.0, help="sampling rate in frames per second (default 1)")
-    chat.add_argument("--max-fps", type=float, default=None, help="raise the rate up to this for short videos")
+    chat.add_argument(
+        "--max-fps", type=float, default=None, help="raise the rate up to this for short videos"
+    )
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--json", action="store_true", help="print answer, frames, timestamps, stats as JSON")
 
-    tiny = commands.add_parser("init-tiny", help="write a randomly initialised tiny checkpoint (for trying things)")
+    tiny = commands.add_parser(
+        "init-tiny", help="write a randomly initialised tiny checkpoint (for trying things)"
+    )
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
 
@@ -94,7 +100,9 @@ def run_chat(args) -> int:
     if args.json:
         stats = dict(answer.stats)
         stats["load_s"] = load_s
-        record = dict(answer=answer.text, frames=len(session.timestamps), timestamps=session.timestamps, stats=stats)
+        record = dict(
+            answer=answer.text, frames=len(session.timestamps), timestamps=session.timestamps, stats=stats
+        )
         print(json.dumps(record, indent=2))
     else:
         print(answer.text)

@@ -89,9 +89,13 @@ class VideoXL2Config(PretrainedConfig):
         if isinstance(text_config, dict):
             text_config = Qwen2Config(**{k: v for k, v in text_config.items() if k != "model_type"})
         if isinstance(vision_config, dict):
-            vision_config = SiglipVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+            vision_config = SiglipVisionConfig(
+                **{k: v for k, v in vision_config.items() if k != "model_type"}
+            )
         self.text_config = text_config if text_config is not None else Qwen2Config(**RELEASED_TEXT)
-        self.vision_config = vision_config if vision_config is not None else SiglipVisionConfig(**RELEASED_VISION)
+        self.vision_config = (
+            vision_config if vision_config is not None else SiglipVisionConfig(**RELEASED_VISION)
+        )
         self.frames_per_group = frames_per_group
         self.vision_grid = vision_grid
         self.pool_stride = pool_stride
@@ -106,7 +110,9 @@ class VideoXL2Config(PretrainedConfig):
         self.topk = topk
         self.compression = compression
         self.max_context_tokens = max_context_tokens
-        kwargs.setdefault("tie_word_embeddings", bool(getattr(self.text_config, "tie_word_embeddings", False)))
+        kwargs.setdefault(
+            "tie_word_embeddings", bool(getattr(self.text_config, "tie_word_embeddings", False))
+        )
         super().__init__(**kwargs)
         self.validate_geometry()
 
@@ -135,11 +141,17 @@ class VideoXL2Config(PretrainedConfig):
         if v.image_size < v.patch_size:
             problems.append(f"vision image_size {v.image_size} is smaller than patch_size {v.patch_size}")
         if self.vision_grid % self.pool_stride:
-            problems.append(f"vision_grid {self.vision_grid} is not a multiple of pool_stride {self.pool_stride}")
+            problems.append(
+                f"vision_grid {self.vision_grid} is not a multiple of pool_stride {self.pool_stride}"
+            )
         if v.hidden_size % 32:
-            problems.append(f"vision hidden_size {v.hidden_size} must be a multiple of 32 (DTS GroupNorm(32))")
+            problems.append(
+                f"vision hidden_size {v.hidden_size} must be a multiple of 32 (DTS GroupNorm(32))"
+            )
         if self.frames_per_group != 4:
-            problems.append(f"frames_per_group must be 4 (the DTS halves time twice), got {self.frames_per_group}")
+            problems.append(
+                f"frames_per_group must be 4 (the DTS halves time twice), got {self.frames_per_group}"
+            )
         if self.engine_mode not in ENGINE_MODES:
             problems.append(f"engine_mode must be one of {ENGINE_MODES}, got {self.engine_mode!r}")
         for name in ("block_size", "unit_size", "compression", "vision_batch_size", "dts_batch_size"):
@@ -167,11 +179,22 @@ class VideoXL2Config(PretrainedConfig):
         `vision_config`, `vision_grid`, `video_token_id`) so release-format test checkpoints can be tiny.
         """
         qwen_keys = set(Qwen2Config().to_dict()) | {"rope_theta"}
-        skip = {"model_type", "architectures", "rope_scaling", "rope_parameters", "auto_map", "transformers_version"}
+        skip = {
+            "model_type",
+            "architectures",
+            "rope_scaling",
+            "rope_parameters",
+            "auto_map",
+            "transformers_version",
+        }
         text = {k: v for k, v in release.items() if k in qwen_keys and k not in skip}
         if "rope_theta" not in text:
             text["rope_theta"] = RELEASED_TEXT["rope_theta"]
-        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in text]
+        missing = [
+            k
+            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+            if k not in text
+        ]
         if missing:
             raise ConfigError(f"release config.json lacks {', '.join(missing)}")
         values = dict(

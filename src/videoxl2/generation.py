@@ -48,7 +48,9 @@ class GenerationSettings:
         if int(self.max_new_tokens) < 1:
             raise InputError(f"generation_config.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.do_sample and not float(self.temperature) > 0:
-            raise InputError(f"generation_config.temperature must be > 0 when sampling, got {self.temperature}")
+            raise InputError(
+                f"generation_config.temperature must be > 0 when sampling, got {self.temperature}"
+            )
         if not 0 < float(self.top_p) <= 1:
             raise InputError(f"generation_config.top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.stop_strings, str):

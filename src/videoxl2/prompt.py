@@ -56,7 +56,9 @@ def normalize_history(history: Sequence | None) -> list[tuple[str, str]]:
     try:
         return [(str(q), str(a)) for q, a in history]
     except (TypeError, ValueError) as err:
-        raise InputError("chat_history must be a list of (question, answer) pairs or role/content dicts") from err
+        raise InputError(
+            "chat_history must be a list of (question, answer) pairs or role/content dicts"
+        ) from err
 
 
 def build_prompt(question: str, history: Sequence | None = None, system: str = SYSTEM_PROMPT) -> str:
@@ -125,7 +127,9 @@ def build_layout(
 ) -> TokenLayout:
     """Tokenize `prompt` (one `<image>` marker) with the video's time text and visual placeholders."""
     if prompt.count(IMAGE_MARKER) != 1:
-        raise InputError(f"prompt must hold exactly one {IMAGE_MARKER} marker, found {prompt.count(IMAGE_MARKER)}")
+        raise InputError(
+            f"prompt must hold exactly one {IMAGE_MARKER} marker, found {prompt.count(IMAGE_MARKER)}"
+        )
     if not group_seconds:
         raise InputError("the video has no frame groups")
     before, after = prompt.split(IMAGE_MARKER)
@@ -147,7 +151,8 @@ def build_layout(
     ids += suffix
     if max_length is not None and len(ids) > max_length:
         raise InputError(
-            f"prompt is {len(ids)} tokens ({len(groups)} frame groups), over the model's context of {max_length}: "
+            f"prompt is {len(ids)} tokens ({len(groups)} frame groups), "
+            f"over the model's context of {max_length}: "
             "lower max_num_frames or shorten the question"
         )
     return TokenLayout(

@@ -62,7 +62,7 @@ def build_tiny_model(seed: int = 0, tokenizer=None, **overrides):
     model = VideoXL2ForCausalLM(tiny_config(tokenizer, **overrides))
     # Larger than transformers' 0.02 init so random logits are well separated (stable greedy decoding).
     with torch.no_grad():
-        for name, param in model.language_model.named_parameters():
+        for param in model.language_model.parameters():
             if param.ndim == 2:
                 param.normal_(0.0, 0.2)
         for param in model.dts.parameters():

@@ -1,47 +1,51 @@
 """Answering from an assembled cache: the question runs on it, then tokens are generated one by one.
 
-From here on attention is plain causal over whatever cache was assembled (dense, or bi-level mixed), so this
-stage uses transformers' own Qwen2 forward and DynamicCache.
+Attention is plain causal over whatever cache was assembled (dense, or bi-level mixed). New keys and values
+are written into the cache's spare capacity, so a token costs one read of the cache, not a copy of it
+(transformers' DynamicCache concatenates on every step), and grouped-query attention never expands the KV.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from ..generation import GenerationSettings, generate_tokens
 from .memory import MixedCache
-
-
-def to_dynamic_cache(mixed: MixedCache, text_config) -> DynamicCache:
-    cache = DynamicCache(config=text_config)
-    for layer, (keys, values) in enumerate(zip(mixed.keys, mixed.values)):
-        cache.update(keys[None], values[None], layer)
-    return cache
+from .prefill import LayerRunner, attention
 
 
 @torch.inference_mode()
-def question_logits(model, cache: DynamicCache, question_ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Run the question tokens at positions start.. on `cache`; logits of its last token."""
-    device = model.get_input_embeddings().weight.device
-    positions = torch.arange(start, start + question_ids.numel(), device=device)[None]
-    out = model.llm(input_ids=question_ids.to(device)[None], position_ids=positions, cache=cache, use_cache=True)
-    return model.get_output_embeddings()(out.last_hidden_state[0, -1])
+def run_on_cache(runner: LayerRunner, model, cache: MixedCache, token_ids: torch.Tensor) -> torch.Tensor:
+    """Append `token_ids` (positions continue from the cache) and return the last token's logits."""
+    device = cache.keys[0].device
+    n, start = token_ids.numel(), cache.length
+    end = start + n
+    cache.reserve(n)
+    offset = cache.next_position - start  # cache slot -> RoPE position
+    mask = None
+    if n > 1:
+        mask = torch.arange(end, device=device)[None] <= torch.arange(start, end, device=device)[:, None]
+
+    def attend(layer, q, k, v):
+        cache.keys[layer][:, start:end] = k
+        cache.values[layer][:, start:end] = v
+        return attention(q, cache.keys[layer][:, :end], cache.values[layer][:, :end], mask)
+
+    embeds = model.get_input_embeddings()(token_ids.to(device))
+    hidden = runner.forward(embeds, torch.arange(start, end, device=device) + offset, attend)
+    cache.length = end
+    cache.next_position += n
+    return model.get_output_embeddings()(runner.llm.norm(hidden[-1:]))[0]
 
 
 @torch.inference_mode()
 def answer_from_cache(
     model, tokenizer, mixed: MixedCache, question_ids: torch.Tensor, settings: GenerationSettings
 ) -> list[int]:
-    """Generate the answer to `question_ids` (the text after the video) from an assembled cache."""
-    cache = to_dynamic_cache(mixed, model.config.text_config)
-    position = mixed.next_position + question_ids.numel()
-    first = question_logits(model, cache, question_ids, mixed.next_position)
-
-    def step(token: int) -> torch.Tensor:
-        nonlocal position
-        logits = question_logits(model, cache, torch.tensor([token]), position)
-        position += 1
-        return logits
-
-    return generate_tokens(first, step, tokenizer, settings)
+    """Generate the answer to `question_ids` (the text after the video); fills `mixed`'s spare capacity."""
+    runner = LayerRunner(model)
+    mixed.reserve(question_ids.numel() + int(settings.max_new_tokens))
+    first = run_on_cache(runner, model, mixed, question_ids)
+    return generate_tokens(
+        first, lambda token: run_on_cache(runner, model, mixed, torch.tensor([token])), tokenizer, settings
+    )

@@ -43,18 +43,35 @@ class UnitInfo:
 
 @dataclass
 class MixedCache:
-    keys: list[torch.Tensor]  # per layer (kv_heads, M, D), rotated at the positions the question expects
+    """A question's KV cache. `keys`/`values` are per-layer buffers (kv_heads, capacity, D) whose first
+    `length` entries are filled (keys rotated at the positions the question expects); the spare capacity
+    takes the question and answer tokens without reallocating."""
+
+    keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    length: int
     next_position: int  # position of the first question token
     unit_slices: list[tuple[int, int]]  # [start, end) of each unit inside the assembled cache
     dense_units: list[int] = field(default_factory=list)
 
     @property
-    def length(self) -> int:
+    def capacity(self) -> int:
         return int(self.keys[0].shape[1])
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        """Bytes of the filled part (what the video costs the question)."""
+        return sum(t[:, : self.length].numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more tokens (one copy, only if the spare capacity is short)."""
+        need = self.length + extra
+        if need <= self.capacity:
+            return
+        grow = lambda t: torch.cat(
+            [t[:, : self.length], t.new_empty(t.shape[0], need - self.length, t.shape[2])], 1
+        )  # noqa: E731
+        self.keys = [grow(t) for t in self.keys]
+        self.values = [grow(t) for t in self.values]
 
 
 class VideoMemory:
@@ -86,7 +103,9 @@ class VideoMemory:
         """Take the dense KV from a finished pre-fill and derive the sparse KV of every group."""
         per_group = layout.groups[0].end - layout.groups[0].visual_start
         if per_group % compression:
-            raise ConfigError(f"compression {compression} must divide the {per_group} visual tokens of a group")
+            raise ConfigError(
+                f"compression {compression} must divide the {per_group} visual tokens of a group"
+            )
         device = store.keys[0].device
         time_rows, pooled_rows, offsets, positions = [], [], [0], []
         pooled_per_group = per_group // compression
@@ -102,12 +121,19 @@ class VideoMemory:
         visual_index = torch.cat(pooled_rows).to(device)
         # Where each piece lands in the sparse sequence: per group, its time tokens then its pooled tokens.
         is_time = torch.cat(
-            [torch.cat([torch.ones(len(t), dtype=torch.bool), torch.zeros(pooled_per_group, dtype=torch.bool)]) for t in time_rows]
+            [
+                torch.cat(
+                    [torch.ones(len(t), dtype=torch.bool), torch.zeros(pooled_per_group, dtype=torch.bool)]
+                )
+                for t in time_rows
+            ]
         ).to(device)
         sparse_keys, sparse_values = [], []
+        time_tables = runner.rope_tables(-time_index.double(), store.keys[0])
+        visual_tables = runner.rope_tables(-visual_index.double(), store.keys[0])
         for keys, values in zip(store.keys, store.values):
-            pre_time = unrotate(runner, keys[:, time_index], time_index)
-            pre_visual = unrotate(runner, keys[:, visual_index], visual_index)
+            pre_time = apply_rope(keys[:, time_index], *time_tables)  # undo RoPE: rotate back
+            pre_visual = apply_rope(keys[:, visual_index], *visual_tables)
             pooled_k = pool(pre_visual, compression)
             pooled_v = pool(values[:, visual_index], compression)
             k = keys.new_empty(keys.shape[0], offsets[-1], keys.shape[2])
@@ -117,7 +143,15 @@ class VideoMemory:
             sparse_keys.append(k)
             sparse_values.append(v)
         return cls(
-            layout, store.keys, store.values, sparse_keys, sparse_values, offsets, torch.cat(positions), unit_size, compression
+            layout,
+            store.keys,
+            store.values,
+            sparse_keys,
+            sparse_values,
+            offsets,
+            torch.cat(positions),
+            unit_size,
+            compression,
         )
 
     # -- geometry -----------------------------------------------------------------------------------------
@@ -135,7 +169,11 @@ class VideoMemory:
         for u in range(self.num_units):
             first, last = self.unit_groups(u)
             end = groups[last + 1].seconds if last + 1 < len(groups) else None
-            infos.append(UnitInfo(u, first, last, groups[first].seconds, end if end is not None else groups[last].seconds))
+            infos.append(
+                UnitInfo(
+                    u, first, last, groups[first].seconds, end if end is not None else groups[last].seconds
+                )
+            )
         return infos
 
     @property
@@ -157,9 +195,10 @@ class VideoMemory:
 
     # -- assembling a question's cache --------------------------------------------------------------------
     def assemble(
-        self, runner: LayerRunner, dense_units=None, rerotate: bool = True, device=None
+        self, runner: LayerRunner, dense_units=None, rerotate: bool = True, device=None, reserve: int = 0
     ) -> MixedCache:
-        """Cache for a question: prefix dense, each unit dense if in `dense_units` (None: all) else sparse."""
+        """Cache for a question: prefix dense, each unit dense if in `dense_units` (None: all) else sparse;
+        `reserve` spare slots for the question and answer."""
         layout = self.layout
         device = torch.device(device) if device is not None else self.sparse_keys[0].device
         dense = set(range(self.num_units)) if dense_units is None else {int(u) for u in dense_units}
@@ -196,7 +235,8 @@ class VideoMemory:
             next_position = layout.video_end
         keys, values = [], []
         for layer in range(len(self.keys)):
-            k = torch.empty((self.keys[layer].shape[0], cursor, self.keys[layer].shape[2]), dtype=self.keys[layer].dtype, device=device)
+            shape = (self.keys[layer].shape[0], cursor + reserve, self.keys[layer].shape[2])
+            k = torch.empty(shape, dtype=self.keys[layer].dtype, device=device)
             v = torch.empty_like(k)
             k[:, dense_dst.to(device)] = self.keys[layer][:, dense_src.to(self.device)].to(device)
             v[:, dense_dst.to(device)] = self.values[layer][:, dense_src.to(self.device)].to(device)
@@ -209,8 +249,9 @@ class VideoMemory:
         turns[dense_dst], turns[sparse_dst] = dense_turn, sparse_turn
         if turns.abs().max() > 0:
             cos, sin = runner.rope_tables(turns.to(device), keys[0])
-            keys = [apply_rope(k, cos, sin) for k in keys]
-        return MixedCache(keys, values, next_position, slices, sorted(dense))
+            for k in keys:
+                k[:, :cursor] = apply_rope(k[:, :cursor], cos, sin)
+        return MixedCache(keys, values, cursor, next_position, slices, sorted(dense))
 
     # -- persistence ----------------------------------------------------------------------------------------
     def save(self, path, metadata: dict | None = None) -> Path:
@@ -278,12 +319,6 @@ class VideoMemory:
             header["compression"],
         )
         return memory, header.get("extra", {})
-
-
-def unrotate(runner: LayerRunner, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Undo RoPE of keys rotated at `positions` (rotation by the negative angle)."""
-    cos, sin = runner.rope_tables(-positions.double(), keys)
-    return apply_rope(keys, cos, sin)
 
 
 def pool(x: torch.Tensor, step: int) -> torch.Tensor:

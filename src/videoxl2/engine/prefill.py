@@ -62,7 +62,7 @@ class LayerRunner:
         return q, k, v
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, attend: Callable) -> torch.Tensor:
-        """(n, H) input embeddings at `positions` -> (n, H) hidden states after the last layer (no final norm)."""
+        """(n, H) embeddings at `positions` -> (n, H) last-layer hidden states (before the final norm)."""
         cos, sin = self.rope_tables(positions, hidden)
         for index, layer in enumerate(self.llm.layers):
             x = layer.input_layernorm(hidden)
@@ -77,7 +77,12 @@ class LayerRunner:
 def attention(q, k, v, mask=None, causal=False) -> torch.Tensor:
     """SDPA over (heads, n, D) queries and (kv_heads, m, D) keys/values (grouped-query attention)."""
     out = F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=None if mask is None else mask[None, None], is_causal=causal, enable_gqa=True
+        q[None],
+        k[None],
+        v[None],
+        attn_mask=None if mask is None else mask[None, None],
+        is_causal=causal,
+        enable_gqa=True,
     )
     return out[0]
 
@@ -140,7 +145,9 @@ class StreamingPrefill:
         self.stats = PrefillStats()
         self.groups_done = 0
 
-    def _write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, global_rows: torch.Tensor) -> None:
+    def _write(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, global_rows: torch.Tensor
+    ) -> None:
         store = self.store
         end = start + k.shape[1]
         store.keys[layer][:, start:end] = k
@@ -153,7 +160,9 @@ class StreamingPrefill:
 
     def run_prefix(self) -> None:
         ids = self.layout.input_ids[: self.layout.video_start].to(self.device)
-        self._run_causal(self.model.get_input_embeddings()(ids), 0, torch.arange(ids.numel(), device=self.device))
+        self._run_causal(
+            self.model.get_input_embeddings()(ids), 0, torch.arange(ids.numel(), device=self.device)
+        )
 
     def _run_causal(self, embeds: torch.Tensor, start: int, global_rows: torch.Tensor) -> None:
         n = embeds.shape[0]
@@ -165,7 +174,10 @@ class StreamingPrefill:
             keys, values = store.keys[layer][:, :end], store.values[layer][:, :end]
             if start == 0:
                 return attention(q, keys, values, causal=True)
-            mask = torch.arange(end, device=self.device)[None] <= torch.arange(start, end, device=self.device)[:, None]
+            mask = (
+                torch.arange(end, device=self.device)[None]
+                <= torch.arange(start, end, device=self.device)[:, None]
+            )
             return attention(q, keys, values, mask)
 
         self.runner.forward(embeds, torch.arange(start, end, device=self.device), attend)
@@ -218,8 +230,12 @@ class StreamingPrefill:
         def attend(layer, q, k, v):
             self._write(layer, start, k, v, time_rows)
             out = torch.empty_like(q)
-            keys = torch.cat([store.global_keys[layer][:, :old_global], store.keys[layer][:, window_start:end]], 1)
-            values = torch.cat([store.global_values[layer][:, :old_global], store.values[layer][:, window_start:end]], 1)
+            keys = torch.cat(
+                [store.global_keys[layer][:, :old_global], store.keys[layer][:, window_start:end]], 1
+            )
+            values = torch.cat(
+                [store.global_values[layer][:, :old_global], store.values[layer][:, window_start:end]], 1
+            )
             out[:, visual_rows] = attention(q[:, visual_rows], keys, values, visual_mask)
             if time_rows.numel():
                 keys, values = store.keys[layer][:, :end], store.values[layer][:, :end]
@@ -234,7 +250,12 @@ class StreamingPrefill:
 
 
 def prefill_video(
-    model, layout: TokenLayout, group_batches: Iterator[torch.Tensor], chunked: bool, block_size: int, prev_blocks: int
+    model,
+    layout: TokenLayout,
+    group_batches: Iterator[torch.Tensor],
+    chunked: bool,
+    block_size: int,
+    prev_blocks: int,
 ) -> StreamingPrefill:
     """Run prefix and all group batches (each a whole number of blocks, except the last)."""
     prefill = StreamingPrefill(model, layout, chunked, block_size, prev_blocks)

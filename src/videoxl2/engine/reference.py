@@ -40,7 +40,9 @@ def chunk_visibility(layout: TokenLayout, block_size: int, prev_blocks: int) -> 
 
 
 @torch.inference_mode()
-def reference_forward(model, layout: TokenLayout, video_embeds: torch.Tensor, mask: torch.Tensor | None = None):
+def reference_forward(
+    model, layout: TokenLayout, video_embeds: torch.Tensor, mask: torch.Tensor | None = None
+):
     """Full forward of the whole prompt with `mask` (None: plain causal). Returns (logits, cache)."""
     from transformers import DynamicCache
 
@@ -49,6 +51,10 @@ def reference_forward(model, layout: TokenLayout, video_embeds: torch.Tensor, ma
     positions = torch.arange(layout.length, device=model.device)[None]
     attention_mask = None if mask is None else mask[None, None].to(model.device)
     out = model.language_model(
-        inputs_embeds=embeds[None], attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True
+        inputs_embeds=embeds[None],
+        attention_mask=attention_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
     )
     return out.logits[0], cache

@@ -58,7 +58,9 @@ def choose_units(scores: torch.Tensor, topk: int) -> list[int]:
     return sorted(always | set(ranked[:topk]))
 
 
-def score_units(model, memory: VideoMemory, question_ids: torch.Tensor, rerotate: bool = True) -> torch.Tensor:
+def score_units(
+    model, memory: VideoMemory, question_ids: torch.Tensor, rerotate: bool = True
+) -> torch.Tensor:
     """Relevance of every unit of `memory` to the question tokens (the text after the video)."""
     runner = LayerRunner(model)
     device = model.get_input_embeddings().weight.device

@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 from ..errors import InputError, MediaNotFoundError
 from ..generation import GenerationSettings, decode_answer
 from ..prompt import IMAGE_MARKER, TokenLayout, build_layout, build_prompt
-from ..video import expand_to_square, iter_frame_batches, load_image, plan_sampling, preprocess_frames, probe_video
+from ..video import (
+    expand_to_square,
+    iter_frame_batches,
+    load_image,
+    plan_sampling,
+    preprocess_frames,
+    probe_video,
+)
 from .decode import answer_from_cache
 from .memory import VideoMemory
 from .prefill import StreamingPrefill
@@ -65,7 +72,11 @@ class VideoSession:
         self.group_seconds = self.timestamps[::per_group]
         prefix_text = build_prompt("?").split(IMAGE_MARKER)[0]
         self.layout: TokenLayout = build_layout(
-            tokenizer, prefix_text + IMAGE_MARKER, self.group_seconds, config.tokens_per_group, config.video_token_id
+            tokenizer,
+            prefix_text + IMAGE_MARKER,
+            self.group_seconds,
+            config.tokens_per_group,
+            config.video_token_id,
         )
         if self.layout.length >= config.context_limit:
             raise InputError(
@@ -95,7 +106,9 @@ class VideoSession:
             raise MediaNotFoundError(f"{path}: no such file")
         if path.suffix.lower() in IMAGE_SUFFIXES:
             image = expand_to_square(load_image(path))
-            return cls(model, tokenizer, lambda size: iter([image[None]]), [0.0], settings, str(path), progress)
+            return cls(
+                model, tokenizer, lambda size: iter([image[None]]), [0.0], settings, str(path), progress
+            )
         info = probe_video(path)
         plan = plan_sampling(info.num_frames, info.avg_fps, max_num_frames, sample_fps, max_sample_fps)
         batches = lambda size: iter_frame_batches(path, plan.indices, batch_size=size)  # noqa: E731
@@ -105,7 +118,9 @@ class VideoSession:
         return session
 
     @classmethod
-    def from_frames(cls, model, tokenizer, frames: np.ndarray, timestamps: Sequence[float], **kwargs) -> VideoSession:
+    def from_frames(
+        cls, model, tokenizer, frames: np.ndarray, timestamps: Sequence[float], **kwargs
+    ) -> VideoSession:
         """Decoded RGB frames (F, H, W, 3) uint8 already in memory, with their timestamps."""
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) != len(timestamps):
@@ -145,7 +160,8 @@ class VideoSession:
             yield embeds
         if groups != self.layout.num_groups:
             raise InputError(
-                f"{self.source}: decoded {frames_seen} frames, expected {len(self.timestamps)} (the file may be truncated)"
+                f"{self.source}: decoded {frames_seen} frames, expected {len(self.timestamps)} "
+                "(the file may be truncated)"
             )
 
     def _add_time(self, key: str, start: float) -> None:
@@ -189,7 +205,9 @@ class VideoSession:
     def question_ids(self, question: str, history=None) -> torch.Tensor:
         """Token ids of the text after the video: question, earlier turns, and the assistant header."""
         suffix_text = build_prompt(question, history).split(IMAGE_MARKER, 1)[1]
-        return torch.tensor(self.tokenizer(suffix_text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        return torch.tensor(
+            self.tokenizer(suffix_text, add_special_tokens=False)["input_ids"], dtype=torch.long
+        )
 
     @torch.inference_mode()
     def ask(self, question: str, history=None, generation_config: dict | None = None, units=None) -> Answer:
@@ -202,7 +220,8 @@ class VideoSession:
         total = self.layout.video_end + question_ids.numel() + int(settings.max_new_tokens)
         if total > self.model.config.context_limit:
             raise InputError(
-                f"prompt and answer need {total} tokens, over the model's context of {self.model.config.context_limit}"
+                f"prompt and answer need {total} tokens, "
+                f"over the model's context of {self.model.config.context_limit}"
             )
         memory = self.prefill()
         start = time.perf_counter()
@@ -216,7 +235,11 @@ class VideoSession:
                 dense_units = sorted({0, memory.num_units - 1, *units})
             stats["select_s"] = time.perf_counter() - start
         rerotate = self.settings.rerotate and self.settings.mode == "bilevel"
-        mixed = memory.assemble(self.runner, dense_units, rerotate=rerotate, device=self.device)
+        reserve = question_ids.numel() + int(settings.max_new_tokens)
+        mixed = memory.assemble(
+            self.runner, dense_units, rerotate=rerotate, device=self.device, reserve=reserve
+        )
+        video_kv_tokens, video_kv_bytes = mixed.length, mixed.nbytes()
         ids = answer_from_cache(self.model, self.tokenizer, mixed, question_ids, settings)
         infos = memory.units()
         for info in infos:
@@ -226,8 +249,8 @@ class VideoSession:
             mode=self.settings.mode,
             question_tokens=int(question_ids.numel()),
             new_tokens=len(ids),
-            kv_tokens=mixed.length,
-            kv_bytes=mixed.nbytes(),
+            kv_tokens=video_kv_tokens,
+            kv_bytes=video_kv_bytes,
             units=[vars(info) for info in infos],
             answer_s=time.perf_counter() - start,
         )

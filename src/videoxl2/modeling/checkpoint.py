@@ -56,7 +56,9 @@ def read_config(path: Path) -> tuple[VideoXL2Config, bool]:
             return VideoXL2Config.from_release_dict(raw), True
     except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"{file}: {err}") from err
-    raise CheckpointError(f"{file}: model_type {model_type!r} is neither 'videoxl2' nor the release's 'llava_qwen'")
+    raise CheckpointError(
+        f"{file}: model_type {model_type!r} is neither 'videoxl2' nor the release's 'llava_qwen'"
+    )
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -152,6 +154,11 @@ def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | st
     # The release's unused text_mlp is renamed out of the language model's way, then ignored.
     key_mapping = {p: (t if t is not None else "text_mlp.") for p, t in RELEASE_RENAMES} if release else None
     model = VideoXL2ForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, device_map={"": device}, key_mapping=key_mapping, local_files_only=True
+        path,
+        config=config,
+        dtype=dtype,
+        device_map={"": device},
+        key_mapping=key_mapping,
+        local_files_only=True,
     )
     return model.eval()

@@ -34,9 +34,13 @@ class VideoXL2ForCausalLM(PreTrainedModel):
         vision = config.vision_config
         self.vision_tower = build_vision_tower(vision)
         self.dts = DynamicTokenSynthesis(
-            vision.hidden_size, frames=config.frames_per_group, max_relative_position=config.dts_max_relative_position
+            vision.hidden_size,
+            frames=config.frames_per_group,
+            max_relative_position=config.dts_max_relative_position,
         )
-        self.projector = VisionProjector(vision.hidden_size, config.hidden_size, config.vision_grid, config.pool_stride)
+        self.projector = VisionProjector(
+            vision.hidden_size, config.hidden_size, config.vision_grid, config.pool_stride
+        )
         self.language_model = Qwen2ForCausalLM(config.text_config)
         self.post_init()
 
@@ -80,7 +84,9 @@ class VideoXL2ForCausalLM(PreTrainedModel):
         config = self.config
         size = config.vision_config.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
-            raise InputError(f"pixel_values must be (frames, 3, {size}, {size}), got {tuple(pixel_values.shape)}")
+            raise InputError(
+                f"pixel_values must be (frames, 3, {size}, {size}), got {tuple(pixel_values.shape)}"
+            )
         pixel_values = self.pad_frames(pixel_values)
         maps = []
         for start in range(0, pixel_values.shape[0], config.vision_batch_size):
@@ -101,7 +107,9 @@ class VideoXL2ForCausalLM(PreTrainedModel):
         needed = int(slots.sum())
         given = 0 if video_embeds is None else video_embeds.shape[0] * video_embeds.shape[1]
         if needed != given:
-            raise InputError(f"input has {needed} visual placeholder tokens but {given} visual embeddings were given")
+            raise InputError(
+                f"input has {needed} visual placeholder tokens but {given} visual embeddings were given"
+            )
         if needed:
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), video_embeds.to(embeds.dtype).reshape(-1))
         return embeds
@@ -109,22 +117,23 @@ class VideoXL2ForCausalLM(PreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
         video_embeds: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ):
         """Plain causal forward over a full sequence (training, the dense reference).
 
-        `pixel_values` (frames of one video) or ready `video_embeds` fill the placeholder positions of
-        `input_ids` (batch 1, or a batch where the placeholders of all rows together match the embeddings).
+        `pixel_values` (frames of one video, or a list with one entry per video of the batch, in row order)
+        or ready `video_embeds` fill the placeholder positions of `input_ids`, row by row.
         Everything else (`attention_mask`, `position_ids`, `past_key_values`, `labels`, ...) goes to Qwen2.
         """
         if inputs_embeds is None:
             if input_ids is None:
                 raise InputError("give input_ids or inputs_embeds")
             if video_embeds is None and pixel_values is not None:
-                video_embeds = self.encode_video(pixel_values)
+                videos = pixel_values if isinstance(pixel_values, (list, tuple)) else [pixel_values]
+                video_embeds = torch.cat([self.encode_video(frames) for frames in videos])
             inputs_embeds = self.embed_inputs(input_ids, video_embeds)
         return self.language_model(inputs_embeds=inputs_embeds, **kwargs)
 
