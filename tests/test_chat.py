@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from videoxl2 import InputError, MediaNotFoundError, VideoDecodeError
+from videoxl2.engine.decode import run_on_cache
+from videoxl2.engine.reference import reference_forward
 from videoxl2.engine.session import VideoSession
 from videoxl2.engine.settings import EngineSettings
-from videoxl2.prompt import build_prompt, time_text
-from videoxl2.video import plan_sampling, probe_video
+from videoxl2.prompt import build_layout, build_prompt, time_text
+from videoxl2.video import iter_frame_batches, plan_sampling, preprocess_frames, probe_video
 
 GREEDY = {"do_sample": False, "max_new_tokens": 8}
 
@@ -89,26 +91,16 @@ def test_session_answers_equal_full_prompt_forward(tiny, synthetic_video):
     session = VideoSession.from_path(model, tokenizer, synthetic_video, max_num_frames=12, sample_fps=2)
     memory = session.prefill()
     question = "Which shape moves?"
-    suffix = session.question_ids(question)
-    from videoxl2.engine.reference import reference_forward
-    from videoxl2.prompt import build_layout
-    from videoxl2.video import iter_frame_batches, preprocess_frames
-
-    plan = plan_sampling(
-        probe_video(synthetic_video).num_frames, probe_video(synthetic_video).avg_fps, 12, 2.0
-    )
+    info = probe_video(synthetic_video)
+    plan = plan_sampling(info.num_frames, info.avg_fps, 12, 2.0)
     frames = np.concatenate(list(iter_frame_batches(synthetic_video, plan.indices, batch_size=64)))
-    embeds = model.encode_video(preprocess_frames(frames, image_size=63))
-    layout = build_layout(
-        tokenizer, build_prompt(question), plan.timestamps[::4], 16, model.config.video_token_id
-    )
+    with torch.inference_mode():
+        embeds = model.encode_video(preprocess_frames(frames, image_size=63))
+    config = model.config
+    layout = build_layout(tokenizer, build_prompt(question), plan.timestamps[::4], 16, config.video_token_id)
     ref_logits, _ = reference_forward(model, layout, embeds)
-    from videoxl2.engine.decode import question_logits, to_dynamic_cache
-
     mixed = memory.assemble(session.runner, None, rerotate=False)
-    logits = question_logits(
-        model, to_dynamic_cache(mixed, model.config.text_config), suffix, mixed.next_position
-    )
+    logits = run_on_cache(session.runner, model, mixed, session.question_ids(question))
     err = (logits - ref_logits[-1]).abs().max().item()
     assert err <= 1e-4, f"session logits differ from the full forward by {err:.2e}"
 

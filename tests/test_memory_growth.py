@@ -18,11 +18,11 @@ frames = int(sys.argv[1])
 model, tokenizer = build_tiny_model(vision=dict(image_size=126, patch_size=14))
 rng = np.random.default_rng(0)
 
-def batches(size):
-    for start in range(0, frames, size):
-        yield rng.integers(0, 255, (min(size, frames - start), 96, 96, 3), dtype=np.uint8)
-
 def run(count):
+    def batches(size):  # frames are made on demand, like a decoder streaming a file
+        for start in range(0, count, size):
+            yield rng.integers(0, 255, (min(size, count - start), 96, 96, 3), dtype=np.uint8)
+
     settings = EngineSettings(mode="chunked", block_size=4, prev_blocks=3)
     times = [i * 0.25 for i in range(count)]
     session = VideoSession(model, tokenizer, batches, times, settings, progress=False)

@@ -77,6 +77,7 @@ def run_chat(args) -> int:
     from .engine.session import VideoSession
     from .engine.settings import EngineSettings
 
+    check_media(args.video, args.max_frames, args.fps, args.max_fps)  # fail fast, before loading weights
     start = time.perf_counter()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
@@ -107,6 +108,21 @@ def run_chat(args) -> int:
     else:
         print(answer.text)
     return 0
+
+
+def check_media(path, max_frames, fps, max_fps) -> None:
+    from pathlib import Path
+
+    from .engine.session import IMAGE_SUFFIXES
+    from .video import plan_sampling, probe_video
+
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        from .video import load_image
+
+        load_image(path)
+        return
+    info = probe_video(path)
+    plan_sampling(info.num_frames, info.avg_fps, max_frames, fps, max_fps)
 
 
 def run_init_tiny(args) -> int:
