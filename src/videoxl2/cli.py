@@ -141,11 +141,36 @@ def run_synth_video(args) -> int:
 
 COMMANDS = {"chat": run_chat, "init-tiny": run_init_tiny, "synth-video": run_synth_video}
 
+# Packages that bring their own sub-commands: each has a `command.py` with
+# COMMANDS = {name: (help, add_arguments(parser), run(args) -> exit code)}.
+PLUGIN_MODULES = ("data", "train", "eval", "serve")
+
+
+def plugin_commands() -> dict:
+    import importlib
+
+    found = {}
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(f"videoxl2.{name}.command")
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith("videoxl2"):
+                continue  # that package is not part of this build
+            raise
+        found.update(module.COMMANDS)
+    return found
+
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    plugins = plugin_commands()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, (help_text, add_arguments, _) in plugins.items():
+        add_arguments(commands.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    run = COMMANDS.get(args.command) or plugins[args.command][2]
     try:
-        return COMMANDS[args.command](args)
+        return run(args)
     except VideoXL2Error as err:
         print(f"videoxl2: error: {err}", file=sys.stderr)
         return 2
