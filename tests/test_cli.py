@@ -116,3 +116,23 @@ def test_console_script_end_to_end(tmp_path):
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "x.mp4: no such file" in bad.stderr
     assert sys.executable  # the same interpreter family runs the script
+
+
+def test_external_units(tiny_checkpoint, synthetic_video, tmp_path, capsys):
+    base = ["chat", str(synthetic_video), "What colour?", "--model", str(tiny_checkpoint), "--fps", "4"]
+    base += ["--max-new-tokens", "2", "--json", "--unit-size", "1"]
+    assert main([*base, "--mode", "bilevel", "--units", "2"]) == 0
+    units = json.loads(capsys.readouterr().out)["stats"]["units"]
+    assert [u["index"] for u in units if u["dense"]] == [0, 2, len(units) - 1]
+    assert all(u["score"] is None for u in units)  # not scored: the selection came from outside
+    selection = tmp_path / "selected.json"
+    selection.write_text(
+        json.dumps({"cat": {"config": {}, "selected_unit_indices": {"clip.mp4_What colour?": [1]}}})
+    )
+    assert main([*base, "--mode", "bilevel", "--selection-file", str(selection)]) == 0
+    units = json.loads(capsys.readouterr().out)["stats"]["units"]
+    assert [u["index"] for u in units if u["dense"]] == [0, 2, 3, len(units) - 1]  # 8-frame unit 1 = groups 2-3
+    assert main([*base, "--units", "2"]) == 2
+    assert "need --mode bilevel" in capsys.readouterr().err
+    assert main([*base, "--mode", "bilevel", "--units", "x"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err

@@ -25,6 +25,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unit-size", type=int, default=None, help="groups per selection unit (bilevel)")
     parser.add_argument("--topk", type=int, default=None, help="relevant units kept dense (bilevel)")
     parser.add_argument("--compression", type=int, default=None, help="visual KV pooling step (bilevel)")
+    parser.add_argument(
+        "--offload", action="store_true", help="keep the dense video KV in CPU memory (GPU runs)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--json", action="store_true", help="print answer, frames, timestamps, stats as JSON")
+    chat.add_argument("--units", default=None, help="bilevel: dense units chosen by you, e.g. 3,7,12")
+    chat.add_argument("--selection-file", default=None, help="bilevel: the release's selected_infos JSON")
 
     tiny = commands.add_parser(
         "init-tiny", help="write a randomly initialised tiny checkpoint (for trying things)"
@@ -67,6 +72,7 @@ def _engine_overrides(args) -> dict:
         unit_size=args.unit_size,
         topk=args.topk,
         compression=args.compression,
+        offload=args.offload or None,
     )
 
 
@@ -97,7 +103,8 @@ def run_chat(args) -> int:
             settings=settings,
             progress=False if args.json else None,
         )
-        answer = session.ask(args.question, generation_config=generation)
+        units = external_units(args, settings, session)
+        answer = session.ask(args.question, generation_config=generation, units=units)
     if args.json:
         stats = dict(answer.stats)
         stats["load_s"] = load_s
@@ -108,6 +115,27 @@ def run_chat(args) -> int:
     else:
         print(answer.text)
     return 0
+
+
+def external_units(args, settings, session) -> list[int] | None:
+    """Units from --units or --selection-file (bilevel only); None lets the model choose."""
+    from .errors import InputError
+
+    if args.units is None and args.selection_file is None:
+        return None
+    if settings.mode != "bilevel":
+        raise InputError("--units and --selection-file need --mode bilevel")
+    if args.units is not None:
+        try:
+            return [int(u) for u in args.units.split(",") if u.strip()]
+        except ValueError as err:
+            raise InputError(f"--units must be comma-separated integers, got {args.units!r}") from err
+    from .engine.select import read_selection_file
+
+    units = read_selection_file(args.selection_file, args.video, args.question, settings.unit_size)
+    if units is None:
+        raise InputError(f"{args.selection_file}: no entry for this video and question")
+    return units
 
 
 def check_media(path, max_frames, fps, max_fps) -> None:

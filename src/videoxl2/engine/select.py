@@ -90,5 +90,6 @@ def read_selection_file(path, video: str, question: str, unit_size: int) -> list
         table = category.get("selected_unit_indices") or {}
         for key in (f"{name}_{line}", f"{stem}_{line}"):
             if key in table:
-                return sorted({int(u) * 2 // unit_size for u in table[key]})
+                # An 8-frame unit u covers groups 2u and 2u+1: keep every unit of ours they fall in.
+                return sorted({(2 * int(u) + half) // unit_size for u in table[key] for half in (0, 1)})
     return None

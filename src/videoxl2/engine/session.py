@@ -188,6 +188,8 @@ class VideoSession:
         self.memory = VideoMemory.from_store(
             prefill.store, self.layout, prefill.runner, settings.unit_size, settings.compression
         )
+        if settings.offload and self.memory.device.type != "cpu":
+            self.memory.to("cpu")
         actual, dense = prefill.stats.flops(prefill.runner)
         self.stats.update(
             video_tokens=self.layout.video_end,

@@ -13,7 +13,9 @@ class EngineSettings:
     """`dense`: plain causal attention; `chunked`: chunk-based pre-fill (blocks of `block_size` groups see
     `prev_blocks` earlier blocks), dense decoding; `bilevel`: chunked pre-fill, then per question the
     `topk` most relevant units of `unit_size` groups keep dense KV and the rest keep KV pooled by
-    `compression`. `rerotate`: bi-level keys are re-rotated at contiguous positions (the release's way)."""
+    `compression`. `rerotate`: bi-level keys are re-rotated at contiguous positions (the release's way).
+    `offload`: after pre-filling on a GPU, keep the dense KV in CPU memory and gather per question only
+    what the assembled cache needs."""
 
     mode: str = "dense"
     block_size: int = 4
@@ -22,6 +24,7 @@ class EngineSettings:
     topk: int = 8
     compression: int = 4
     rerotate: bool = True
+    offload: bool = False
 
     def __post_init__(self):
         if self.mode not in ENGINE_MODES:
