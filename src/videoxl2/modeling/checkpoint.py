@@ -135,9 +135,10 @@ def check_weights(path: Path, config: VideoXL2Config, release: bool, files: list
         raise CheckpointError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
 
 
-def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
+def load_model(path, device: str | torch.device | None = "cpu", dtype: torch.dtype | str | None = None):
     """Load a Video-XL-2 checkpoint folder (release or ours) onto `device` in `dtype` (default: float32 on
-    CPU, bfloat16 elsewhere). Raises `CheckpointError` naming what is wrong."""
+    CPU, bfloat16 elsewhere). `device=None` places nothing (DeepSpeed ZeRO-3 partitions the model itself).
+    Raises `CheckpointError` naming what is wrong."""
     from .videoxl2 import VideoXL2ForCausalLM
 
     path = Path(path)
@@ -146,9 +147,9 @@ def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | st
     config, release = read_config(path)
     files = weight_files(path)
     check_weights(path, config, release, files)
-    device = torch.device(device)
+    device = None if device is None else torch.device(device)
     if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        dtype = torch.float32 if device is None or device.type == "cpu" else torch.bfloat16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     # The release's unused text_mlp is renamed out of the language model's way, then ignored.
@@ -157,7 +158,7 @@ def load_model(path, device: str | torch.device = "cpu", dtype: torch.dtype | st
         path,
         config=config,
         dtype=dtype,
-        device_map={"": device},
+        device_map=None if device is None else {"": device},
         key_mapping=key_mapping,
         local_files_only=True,
     )

@@ -1,0 +1,291 @@
+"""Training data: the release's data YAML and LLaVA-style annotation JSON, laid out exactly as inference does.
+
+A data YAML lists annotation files, each with a sampling rule:
+
+    datasets:
+      - json_path: videos.json          # a JSON list (or .jsonl) of samples
+        sampling_strategy: random:50%   # all | first:N | end:N | random:N (N a count or P%); P% = random:P%
+    video_folder: /data/videos          # roots for relative media paths (default: the JSON's own folder)
+    image_folder: /data/images
+
+A sample is `{"id", "video": path | "image": path | neither, "conversations": [{"from": "human"|"gpt",
+"value": ...}, ...]}`. Its tokens are the inference layout: `build_prompt`'s ChatML for the first turn,
+`build_layout`'s `Time {t}s:` + placeholders for the video, then answers and later turns piece by piece as
+`build_prompt` writes them. Only answers and their closing `<|im_end|>\\n` are supervised (the release also
+supervises every turn's `<|im_start|>`/`<|im_end|>\\n`, which teaches the model nothing about answers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, InputError, MediaNotFoundError
+from ..prompt import IMAGE_MARKER, build_layout, build_prompt
+from ..video import (
+    expand_to_square,
+    iter_frame_batches,
+    load_image,
+    plan_sampling,
+    preprocess_frames,
+    probe_video,
+)
+
+IGNORE_INDEX = -100
+_STRATEGY = re.compile(r"^(?:(first|end|random):)?(\d+)(%?)$")
+_LIST_LIMIT = 20
+
+
+@dataclass
+class DataSettings:
+    """The `data:` section of a training config (or a data YAML): where samples come from, how frames are
+    sampled (the release's `video_fps` / `frames_upbound` / `fps_upbound`) and the longest sequence."""
+
+    datasets: list[dict]
+    video_folder: Path | None = None
+    image_folder: Path | None = None
+    video_fps: float | None = 1.0
+    frames_upbound: int = 16
+    fps_upbound: float | None = None
+    model_max_length: int = 8192
+    check_media: bool = True  # stat every media file at start (one error listing all missing ones)
+
+
+@dataclass
+class Sample:
+    id: str
+    where: str  # "file.json[index]", for messages
+    turns: list[tuple[str, str]]
+    video: Path | None = None
+    image: Path | None = None
+    scale: float = 1.0  # the release's `scale`: multiplies timestamps (synthetic grounding data)
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        import yaml
+    except ImportError as err:
+        raise ConfigError("reading training configs needs pyyaml: pip install 'videoxl2[train]'") from err
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: no such file") from err
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not readable YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def sample_records(records, strategy: str, rng: random.Random, where: str) -> list:
+    """Apply one sampling rule: `all`, `first:N`, `end:N`, `random:N` (N a count or `P%` of the file)."""
+    strategy = str(strategy).strip()
+    if strategy == "all":
+        return list(records)
+    match = _STRATEGY.match(strategy)
+    if not match:
+        raise ConfigError(
+            f"{where}: sampling_strategy {strategy!r} is not all, first:N, end:N, random:N (N a count or P%)"
+        )
+    kind, number, percent = match.groups()
+    count = math.ceil(int(number) * len(records) / 100) if percent else int(number)
+    kind = kind or "random"
+    if kind == "first":
+        return list(records[:count])
+    if kind == "end":
+        return list(records[-count:]) if count else []
+    return rng.sample(list(records), min(count, len(records)))
+
+
+def read_annotations(path: Path) -> list:
+    try:
+        text = path.read_text()
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = json.loads(text)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: no such annotation file") from err
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(records, list):
+        raise ConfigError(f"{path}: expected a JSON list of samples")
+    return records
+
+
+def parse_turns(conversations, where: str, has_media: bool) -> list[tuple[str, str]]:
+    """(question, answer) pairs from LLaVA `conversations`; one `<image>` at most, in the first question."""
+    if not isinstance(conversations, list) or not conversations:
+        raise InputError(f"{where}: 'conversations' must be a non-empty list")
+    if isinstance(conversations[0], dict) and conversations[0].get("from") == "gpt":
+        conversations = conversations[1:]  # the release drops a leading answer too
+    roles = [c.get("from") if isinstance(c, dict) else None for c in conversations]
+    expected = ["human", "gpt"] * (len(conversations) // 2)
+    if not roles or roles != expected or any(not isinstance(c.get("value"), str) for c in conversations):
+        raise InputError(
+            f"{where}: conversations must alternate human/gpt turns with string values, "
+            f"starting with human and ending with gpt (got {roles})"
+        )
+    values = [c["value"] for c in conversations]
+    markers = [v.count(IMAGE_MARKER) for v in values]
+    if sum(markers) > (1 if has_media else 0) or any(markers[1:]):
+        raise InputError(
+            f"{where}: {IMAGE_MARKER} may appear once, in the first question, and only with a video or image"
+        )
+    return list(zip(values[0::2], values[1::2]))
+
+
+def load_samples(settings: DataSettings, seed: int) -> list[Sample]:
+    """Every sample the data settings select, validated; missing media are listed in one error."""
+    samples: list[Sample] = []
+    for number, spec in enumerate(settings.datasets):
+        if not isinstance(spec, dict) or "json_path" not in spec:
+            raise ConfigError(f"data: datasets[{number}] needs a json_path")
+        path = Path(spec["json_path"])
+        records = read_annotations(path)
+        rng = random.Random(f"{seed}/{number}")
+        chosen = sample_records(range(len(records)), spec.get("sampling_strategy", "all"), rng, f"{path}")
+        for index in chosen:
+            samples.append(make_sample(records[index], f"{path}[{index}]", path.parent, settings))
+    if not samples:
+        raise ConfigError("data: the datasets select no samples")
+    if not settings.check_media:
+        return samples
+    media = {p for s in samples for p in (s.video, s.image) if p is not None}
+    missing = sorted(str(p) for p in media if not p.is_file())
+    if missing:
+        more = f" ... and {len(missing) - _LIST_LIMIT} more" if len(missing) > _LIST_LIMIT else ""
+        raise MediaNotFoundError(
+            f"data: {len(missing)} media files not found: {', '.join(missing[:_LIST_LIMIT])}{more}"
+        )
+    return samples
+
+
+def make_sample(record, where: str, json_folder: Path, settings: DataSettings) -> Sample:
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: a sample must be a JSON object")
+    media = {}
+    for key, root in (("video", settings.video_folder), ("image", settings.image_folder)):
+        value = record.get(key)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InputError(f"{where}: '{key}' must be one path (several per sample are not supported)")
+        media[key] = Path(root or json_folder) / value
+    if len(media) > 1:
+        raise InputError(f"{where}: a sample has a video or an image, not both")
+    turns = parse_turns(record.get("conversations"), where, bool(media))
+    return Sample(str(record.get("id", where)), where, turns, scale=float(record.get("scale", 1.0)), **media)
+
+
+def encode_sample(
+    tokenizer, turns: list[tuple[str, str]], group_seconds: list[float] | None, config
+) -> tuple[list[int], list[int], int]:
+    """Token ids, labels and the end of the video part (0 without one) of a conversation.
+
+    The first turn is `build_layout(build_prompt(question))`: byte for byte what `VideoSession` feeds the
+    model. Answers are tokenised on their own, as the release does and as generation produces them.
+    """
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    prompt = build_prompt(turns[0][0])
+    if group_seconds is None:
+        before, after = prompt.split(IMAGE_MARKER)
+        ids, video_end = encode(before + after.removeprefix("\n")), 0
+    else:
+        layout = build_layout(
+            tokenizer, prompt, group_seconds, config.tokens_per_group, config.video_token_id
+        )
+        ids, video_end = layout.input_ids.tolist(), layout.video_end
+    labels = [IGNORE_INDEX] * len(ids)
+    closing = encode("<|im_end|>\n")
+    for number, (_, answer) in enumerate(turns):
+        if number:
+            # The next user turn exactly as build_prompt writes it after the history so far.
+            (question, previous), history = turns[number - 1], turns[: number - 1]
+            done = build_prompt(question, history) + f"{previous}<|im_end|>\n"
+            piece = encode(build_prompt(turns[number][0], turns[:number])[len(done) :])
+            ids += piece
+            labels += [IGNORE_INDEX] * len(piece)
+        answer_ids = encode(answer) + closing
+        ids += answer_ids
+        labels += answer_ids
+    return ids, labels, video_end
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Samples decoded on access: frames sampled as at inference, preprocessed for SigLIP, tokenised."""
+
+    def __init__(self, samples: list[Sample], tokenizer, config, settings: DataSettings):
+        self.samples = samples
+        self.tokenizer = tokenizer
+        self.config = config
+        self.settings = settings
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def frames(self, sample: Sample) -> tuple[torch.Tensor | None, list[float] | None]:
+        """Preprocessed frames and group start times; a still image is one frame at 0 s (padded to 4)."""
+        size = self.config.vision_config.image_size
+        if sample.image is not None:
+            return preprocess_frames(expand_to_square(load_image(sample.image))[None], image_size=size), [0.0]
+        if sample.video is None:
+            return None, None
+        s = self.settings
+        info = probe_video(sample.video)
+        plan = plan_sampling(info.num_frames, info.avg_fps, s.frames_upbound, s.video_fps, s.fps_upbound)
+        # Preprocess batch by batch: raw frames of a long high-resolution video would not fit in memory.
+        batches = iter_frame_batches(sample.video, plan.indices)
+        pixels = torch.cat([preprocess_frames(batch, image_size=size) for batch in batches])
+        return pixels, [t * sample.scale for t in plan.timestamps[:: self.config.frames_per_group]]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        pixels, seconds = self.frames(sample)
+        ids, labels, video_end = encode_sample(self.tokenizer, sample.turns, seconds, self.config)
+        limit = self.settings.model_max_length
+        if len(ids) > limit:
+            # Cut the tail only: a cut inside the video would orphan visual embeddings.
+            if video_end > limit or all(x == IGNORE_INDEX for x in labels[:limit]):
+                raise InputError(
+                    f"{sample.where} (id {sample.id}): {len(ids)} tokens, over model_max_length {limit} "
+                    "before the first answer: lower frames_upbound or raise model_max_length"
+                )
+            ids, labels = ids[:limit], labels[:limit]
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": pixels,
+        }
+
+
+@dataclass
+class Collator:
+    """Right-pads a batch; `pixel_values` is the list of per-sample frame tensors in row order (text-only
+    rows have none), which is what `VideoXL2ForCausalLM.forward` expects."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        length = max(len(item["input_ids"]) for item in items)
+        ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            ids[row, :n], labels[row, :n], mask[row, :n] = item["input_ids"], item["labels"], 1
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        videos = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
+        if videos:
+            batch["pixel_values"] = videos
+        return batch

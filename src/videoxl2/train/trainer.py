@@ -1,0 +1,157 @@
+"""Fine-tuning with the stock HF Trainer: model set-up, freeze policy, optional LoRA, final save.
+
+Distribution, mixed precision, DeepSpeed, checkpoints and resuming are the Trainer's own; this file only
+decides what the model is, which parts train, and that the output is a folder `load_model` reads.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .config import TrainConfig
+from .data import Collator, SupervisedDataset, load_samples
+
+PART_MODULES = {"vision": "vision_tower", "dts": "dts", "projector": "projector", "llm": "language_model"}
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the trained model, as saved
+    output_dir: Path
+    steps: int
+    seconds: float
+    losses: list[float]
+    log_history: list[dict]
+    trainable_params: dict[str, int]
+    main_process: bool  # global rank 0, the one that reports
+
+    def summary(self) -> str:
+        loss = f"loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}" if self.losses else "no loss logged"
+        return f"trained {self.steps} steps in {self.seconds:.1f}s, {loss}; model saved to {self.output_dir}"
+
+
+def build_model(config: TrainConfig, seed: int):
+    """(model, tokenizer): a checkpoint folder, or a fresh tiny model seeded by `seed`."""
+    from .. import load_model, load_tokenizer
+    from ..errors import CheckpointError
+
+    dtype = getattr(torch, config.model_dtype)
+    overrides = config.tiny_overrides
+    if overrides is None:
+        path = Path(config.model)
+        if not path.is_dir():
+            raise CheckpointError(f"{config.source}: model {path} is not a checkpoint folder")
+        # No device placement: the Trainer (or DeepSpeed ZeRO-3, partitioned) places the model.
+        return load_model(path, device=None, dtype=dtype), load_tokenizer(config.tokenizer or path)
+    from ..tiny import build_tiny_model
+    from ..tokenizer import build_tiny_tokenizer
+
+    tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else build_tiny_tokenizer()
+    try:
+        model, _ = build_tiny_model(seed, tokenizer, **overrides)
+    except TypeError as err:
+        raise ConfigError(f"{config.source}: model.tiny: {err}") from err
+    return model.to(dtype), tokenizer
+
+
+def set_trainable(model, trainable: dict[str, bool]) -> dict[str, int]:
+    """Freeze or unfreeze each part; returns the trainable parameter count per part."""
+    for part, name in PART_MODULES.items():
+        getattr(model, name).requires_grad_(trainable[part])
+    return {
+        part: sum(p.numel() for p in getattr(model, name).parameters() if p.requires_grad)
+        for part, name in PART_MODULES.items()
+    }
+
+
+def add_lora(model, lora: dict) -> None:
+    """Wrap the LLM (only) in peft LoRA adapters: its base weights freeze, other parts keep their policy."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ConfigError("lora needs peft: pip install 'videoxl2[train]'") from err
+    settings = LoraConfig(
+        r=int(lora["r"]),
+        lora_alpha=lora["alpha"],
+        lora_dropout=float(lora["dropout"]),
+        target_modules=lora["target_modules"],
+    )
+    model.language_model = get_peft_model(model.language_model, settings)
+
+
+def training_arguments(config: TrainConfig, has_text_only: bool):
+    from transformers import TrainingArguments
+
+    values = dict(config.training)
+    # Columns must reach the model untouched (forward takes **kwargs, so the Trainer would drop `labels`).
+    values.update(remove_unused_columns=False, label_names=["labels"])
+    if has_text_only and any(config.trainable[p] for p in ("vision", "dts", "projector")):
+        # A text-only batch leaves the visual parts without gradients, which DDP refuses unless told.
+        values.setdefault("ddp_find_unused_parameters", True)
+    try:
+        return TrainingArguments(**values)
+    except ImportError as err:  # e.g. `deepspeed:` without the deepspeed package
+        raise ConfigError(f"{config.source}: training: a package is missing: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{config.source}: training: {err}") from err
+
+
+def resume_checkpoint(resume: bool | str | None, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from: True means the latest `checkpoint-N` in output_dir."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not resume:
+        return None
+    if resume is True:
+        found = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if found is None:
+            raise ConfigError(f"cannot resume: no checkpoint-N folder in {output_dir}")
+        return found
+    if not Path(resume).is_dir():
+        raise ConfigError(f"cannot resume: {resume} is not a checkpoint folder")
+    return str(resume)
+
+
+def train(config: TrainConfig, resume: bool | str | None = None) -> TrainResult:
+    """Run the Trainer; `resume` is True (latest checkpoint in output_dir) or a checkpoint folder."""
+    from transformers import Trainer, set_seed
+
+    seed = int(config.training.get("seed", 42))
+    samples = load_samples(config.data, seed)
+    args = training_arguments(config, any(s.video is None and s.image is None for s in samples))
+    checkpoint = resume_checkpoint(resume, args.output_dir)  # before loading weights: fail fast
+    set_seed(args.seed)
+    model, tokenizer = build_model(config, args.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad == model.config.video_token_id:
+        raise ConfigError("the tokenizer pads with the visual placeholder id; give it another pad token")
+    counts = set_trainable(model, config.trainable)
+    if config.lora:
+        add_lora(model, config.lora)
+        counts["llm"] = sum(p.numel() for p in model.language_model.parameters() if p.requires_grad)
+    dataset = SupervisedDataset(samples, tokenizer, model.config, config.data)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=Collator(pad), processing_class=tokenizer
+    )
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    if config.lora:
+        model.language_model = model.language_model.merge_and_unload()
+    trainer.save_model(args.output_dir)
+    history = trainer.state.log_history
+    return TrainResult(
+        model=model,
+        output_dir=Path(args.output_dir),
+        steps=trainer.state.global_step,
+        seconds=seconds,
+        losses=[entry["loss"] for entry in history if "loss" in entry],
+        log_history=history,
+        trainable_params=counts,
+        main_process=trainer.is_world_process_zero(),
+    )

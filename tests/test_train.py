@@ -1,0 +1,369 @@
+"""Training: data format and sampling, label masking, train/inference layout, freeze policy, overfitting,
+kill-and-resume, save/load, LoRA. Tiny random models and tiny synthetic videos keep every run to seconds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from videoxl2 import load_model
+from videoxl2.cli import main
+from videoxl2.errors import ConfigError, InputError, MediaNotFoundError
+from videoxl2.train import IGNORE_INDEX, Collator, SupervisedDataset, encode_sample, load_config, train
+from videoxl2.train.data import sample_records
+from videoxl2.video.synthetic import write_synthetic_video
+
+QUESTION = "What is shown in the video?"
+ANSWERS = ["The answer is red square.", "The answer is blue circle.", "The answer is green triangle."]
+PARTS = {"vision": "vision_tower.", "dts": "dts.", "projector": "projector.", "llm": "language_model."}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it costs up to 7x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Three 16-frame videos (4 fps), one still image, and an annotation file of video QA samples."""
+    root = tmp_path_factory.mktemp("media")
+    for i in range(3):
+        write_synthetic_video(root / f"v{i}.mp4", num_frames=16, fps=4.0, seed=i)
+    Image.fromarray(np.full((40, 64, 3), 200, dtype=np.uint8)).save(root / "still.png")
+    records = [
+        {
+            "id": f"s{i}",
+            "video": f"v{i}.mp4",
+            "conversations": qa(f"<image>\n{QUESTION}", answer),
+        }
+        for i, answer in enumerate(ANSWERS)
+    ]
+    (root / "videos.json").write_text(json.dumps(records))
+    return root
+
+
+def qa(question, answer):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def write_config(folder, media, trainable="stage3", lora=None, **training):
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = {
+        "model": "tiny",
+        "data": {
+            "datasets": [{"json_path": str(media / "videos.json"), "sampling_strategy": "all"}],
+            "video_fps": 4,
+            "frames_upbound": 16,
+        },
+        "trainable": trainable,
+        "training": {
+            "output_dir": "out",
+            "max_steps": 4,
+            "learning_rate": 3e-3,
+            "per_device_train_batch_size": 3,
+            "gradient_accumulation_steps": 1,
+            "warmup_steps": 0,
+            "save_steps": 100,
+            "seed": 0,
+            "disable_tqdm": True,
+            **training,
+        },
+    }
+    if lora:
+        raw["lora"] = lora
+    path = folder / "train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def dataset_for(config_path):
+    from videoxl2.tiny import build_tiny_model
+    from videoxl2.train import load_samples
+
+    config = load_config(config_path)
+    model, tokenizer = build_tiny_model(seed=0)
+    return SupervisedDataset(load_samples(config.data, 0), tokenizer, model.config, config.data), model
+
+
+def spans(labels):
+    """Contiguous runs of supervised positions, as lists of token ids."""
+    out, run = [], []
+    for token in labels.tolist() + [IGNORE_INDEX]:
+        if token != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            out.append(run)
+            run = []
+    return out
+
+
+def test_sampling_strategies_are_the_release_rules_and_seeded():
+    records = list(range(10))
+    draw = lambda rule, seed=0: sample_records(records, rule, random.Random(seed), "x.json")  # noqa: E731
+    assert draw("all") == records
+    assert draw("first:3") == [0, 1, 2] and draw("end:3") == [7, 8, 9]
+    assert draw("first:30%") == [0, 1, 2] and draw("end:25%") == [7, 8, 9]  # ceil(2.5) = 3
+    assert len(draw("random:4")) == 4 and draw("random:4") == draw("random:4")
+    assert draw("random:40%") != draw("random:40%", seed=1) and len(draw("50%")) == 5
+    for bad in ("some", "first:x", "middle:3"):
+        with pytest.raises(ConfigError, match="sampling_strategy"):
+            draw(bad)
+
+
+def test_data_yaml_paths_and_errors(tmp_path, media):
+    (tmp_path / "anno").mkdir()
+    shutil.copy(media / "videos.json", tmp_path / "anno" / "videos.json")
+    (tmp_path / "data.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "datasets": [{"json_path": "anno/videos.json", "sampling_strategy": "random:2"}],
+                "video_folder": str(media),
+            }
+        )
+    )
+    config_path = write_config(tmp_path, media)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["data"] = {"path": "data.yaml", "frames_upbound": 8}
+    config_path.write_text(yaml.safe_dump(raw))
+    config = load_config(config_path)
+    assert config.data.frames_upbound == 8 and config.data.video_folder == media
+    assert str(config.training["output_dir"]) == str(tmp_path / "out")
+    from videoxl2.train import load_samples
+
+    first, again = load_samples(config.data, 0), load_samples(config.data, 0)
+    assert [s.id for s in first] == [s.id for s in again] and len(first) == 2
+    assert all(s.video.parent == media for s in first)
+
+    raw["data"]["frames_upbound"] = 8
+    for key, value, message in [
+        ("training", None, "missing required key 'training'"),
+        ("trainable", "stage9", "trainable preset 'stage9'"),
+        ("trainable", dict.fromkeys(PARTS, False), "nothing would train"),
+        ("lora", {"r": 4}, "set trainable.llm"),
+        ("optimiser", 1, "unknown keys \\['optimiser'\\]"),
+    ]:
+        broken = dict(raw, trainable={"llm": False}) if key == "lora" else dict(raw)
+        broken[key] = value
+        if value is None:
+            del broken[key]
+        config_path.write_text(yaml.safe_dump(broken))
+        with pytest.raises(ConfigError, match=message) as err:
+            load_config(config_path)
+        assert str(config_path) in str(err.value)
+
+
+def test_missing_media_are_listed(tmp_path, media):
+    records = [
+        {"video": "gone.mp4", "conversations": qa("Q", "A")},
+        {"image": "lost.png", "conversations": qa("Q", "A")},
+    ]
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    config_path = write_config(tmp_path, media)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["data"]["datasets"].append({"json_path": "bad.json"})
+    config_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(MediaNotFoundError, match="2 media files not found") as err:
+        dataset_for(config_path)
+    assert "gone.mp4" in str(err.value) and "lost.png" in str(err.value)
+
+
+def test_labels_are_exactly_the_answers(tmp_path, media):
+    turns = [
+        {"from": "human", "value": "<image>\nWhich colour comes first?"},
+        {"from": "gpt", "value": "Red, at 0:02."},
+        {"from": "human", "value": "And after 1:05?"},
+        {"from": "gpt", "value": "Blue."},
+    ]
+    records = [
+        {"id": "multi", "video": str(media / "v0.mp4"), "conversations": turns},
+        {"id": "still", "image": str(media / "still.png"), "conversations": turns[:2]},
+        {"id": "text", "conversations": qa("Hi?", "Hello.")},
+    ]
+    (tmp_path / "mixed.json").write_text(json.dumps(records))
+    config_path = write_config(tmp_path, media)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["data"]["datasets"] = [{"json_path": "mixed.json"}]
+    config_path.write_text(yaml.safe_dump(raw))
+    dataset, model = dataset_for(config_path)
+    tokenizer, config = dataset.tokenizer, model.config
+    expected = [["Red, at 0:02.", "Blue."], ["Red, at 0:02."], ["Hello."]]
+    groups = [4, 1, 0]  # 16 frames at 4 fps -> 4 groups; an image is one frame -> one group
+    items = [dataset[i] for i in range(3)]
+    for item, answers, count in zip(items, expected, groups):
+        decoded = [tokenizer.decode(run) for run in spans(item["labels"])]
+        assert decoded == [f"{a}<|im_end|>\n" for a in answers]
+        slots = item["input_ids"] == config.video_token_id
+        assert int(slots.sum()) == count * config.tokens_per_group
+        assert (item["labels"][slots] == IGNORE_INDEX).all()
+    assert items[0]["pixel_values"].shape == (16, 3, 63, 63) and items[1]["pixel_values"].shape[0] == 1
+    assert items[2]["pixel_values"] is None
+    text = tokenizer.decode(items[0]["input_ids"])
+    assert "And after 65 seconds?" in text and "Time 3.0s:" in text  # questions are rewritten as at inference
+
+    batch = Collator(tokenizer.pad_token_id)(items)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert len(batch["pixel_values"]) == 2 and batch["attention_mask"][2].sum() == len(items[2]["input_ids"])
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert torch.isfinite(loss)
+
+
+def test_training_ids_are_the_inference_ids(tmp_path, media):
+    from videoxl2.engine.session import VideoSession
+    from videoxl2.video import preprocess_frames
+
+    dataset, model = dataset_for(write_config(tmp_path, media))
+    item = dataset[0]
+    session = VideoSession.from_path(
+        model, dataset.tokenizer, media / "v0.mp4", max_num_frames=16, sample_fps=4, max_sample_fps=None
+    )
+    prompt = torch.cat([session.layout.input_ids, session.question_ids(QUESTION)])
+    assert torch.equal(item["input_ids"][: len(prompt)], prompt)
+    assert (item["labels"][: len(prompt)] == IGNORE_INDEX).all()
+    assert item["labels"][len(prompt)] != IGNORE_INDEX
+    frames = np.concatenate(list(session._frame_batches(64)))
+    assert torch.equal(item["pixel_values"], preprocess_frames(frames, image_size=63))
+
+    # A later turn: everything before its answer is what a session builds from the history.
+    turns = [("<image>\nFirst?", "One."), ("Second?", "Two.")]
+    ids, labels, _ = encode_sample(dataset.tokenizer, turns, session.group_seconds, model.config)
+    history = [("First?", "One.")]
+    second = torch.cat([session.layout.input_ids, session.question_ids("Second?", history=history)])
+    assert ids[: len(second)] == second.tolist()
+    assert dataset.tokenizer.decode(spans(torch.tensor(labels[len(second) :]))[0]) == "Two.<|im_end|>\n"
+
+
+def test_truncation_never_cuts_the_video(tmp_path, media):
+    dataset, _ = dataset_for(write_config(tmp_path, media))
+    full = dataset[0]
+    dataset.settings.model_max_length = len(full["input_ids"]) - 2
+    cut = dataset[0]
+    assert torch.equal(cut["input_ids"], full["input_ids"][:-2])
+    dataset.settings.model_max_length = 40
+    with pytest.raises(InputError, match="over model_max_length 40"):
+        dataset[0]
+
+
+def parameters(model):
+    return {name: p.detach().clone() for name, p in model.state_dict().items()}
+
+
+def test_projector_only_trains_the_projector(tmp_path, media):
+    from videoxl2.tiny import build_tiny_model
+
+    before = parameters(build_tiny_model(seed=0)[0])
+    result = train(load_config(write_config(tmp_path, media, trainable="projector_only", max_steps=2)))
+    after = parameters(load_model(result.output_dir))
+    assert result.trainable_params["projector"] > 0
+    assert sum(result.trainable_params[p] for p in ("vision", "dts", "llm")) == 0
+    for part, prefix in PARTS.items():
+        changed = [n for n in before if n.startswith(prefix) and not torch.equal(before[n], after[n])]
+        assert bool(changed) == (part == "projector"), part
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory, media):
+    """30 steps on 3 samples, all parts trainable, activation checkpointing on, a checkpoint every 10."""
+    folder = tmp_path_factory.mktemp("overfit")
+    path = write_config(folder, media, max_steps=30, save_steps=10, activation_checkpointing=True)
+    return path, train(load_config(path))
+
+
+def test_loss_falls_by_half(overfit):
+    _, result = overfit
+    assert result.steps == 30 and len(result.losses) == 30
+    assert np.mean(result.losses[-3:]) < 0.5 * result.losses[0]
+    assert result.model.language_model.model.gradient_checkpointing
+
+
+def test_saved_model_loads_with_the_same_logits(overfit, media):
+    _, result = overfit
+    dataset, _ = dataset_for(write_config(result.output_dir.parent / "again", media))
+    batch = Collator(dataset.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    loaded = load_model(result.output_dir)
+    trained = result.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, trained(**batch).logits, atol=1e-5)
+    assert (result.output_dir / "tokenizer.json").is_file()
+
+
+def test_resume_after_a_kill_continues_with_the_same_losses(overfit, tmp_path, capsys):
+    config_path, uninterrupted = overfit
+    # The run was killed after step 10: all that is left of it is its checkpoint.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(uninterrupted.output_dir / "checkpoint-10", resumed_dir / "checkpoint-10")
+    state_file = resumed_dir / "checkpoint-10" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"].append({"step": 10, "marker": "from the checkpoint"})  # proves the state was read
+    state_file.write_text(json.dumps(state))
+    code = main(["train", "--config", str(config_path), "--resume", "--output-dir", str(resumed_dir)])
+    assert code == 0 and "trained 30 steps" in capsys.readouterr().out
+    history = json.loads((resumed_dir / "checkpoint-30" / "trainer_state.json").read_text())["log_history"]
+    losses = lambda h: {e["step"]: e["loss"] for e in h if "loss" in e and e["step"] > 10}  # noqa: E731
+    expected = losses(uninterrupted.log_history)
+    assert len(expected) == 20 and losses(history) == pytest.approx(expected, rel=1e-5)
+    assert {"step": 10, "marker": "from the checkpoint"} in history
+
+
+def test_resume_without_checkpoint_is_one_line_error(tmp_path, media, capsys):
+    path = write_config(tmp_path, media)
+    assert main(["train", "--config", str(path), "--resume"]) == 2
+    assert "cannot resume: no checkpoint-N folder" in capsys.readouterr().err
+
+
+def test_lora_trains_adapters_and_saves_merged(tmp_path, media):
+    pytest.importorskip("peft", reason="LoRA needs peft (the train extra)")
+    from videoxl2.tiny import build_tiny_model
+
+    before = parameters(build_tiny_model(seed=0)[0])
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    trainable = {"vision": False, "dts": False, "projector": True, "llm": True}
+    result = train(load_config(write_config(tmp_path, media, trainable=trainable, lora=lora, max_steps=3)))
+    llm = result.trainable_params["llm"]
+    assert 0 < llm < sum(v.numel() for n, v in before.items() if n.startswith("language_model."))
+    after = parameters(load_model(result.output_dir))
+    assert set(after) == set(before)
+    for name in before:
+        if name.startswith(("vision_tower.", "dts.")) or name == "language_model.lm_head.weight":
+            assert torch.equal(before[name], after[name]), name
+    query = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before[query], after[query])
+
+
+def test_example_configs_parse_and_deepspeed_presets_resolve():
+    from videoxl2.train.config import CONFIG_DIR
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        config = load_config(path)
+        assert json.loads(open(config.training["deepspeed"]).read())["zero_optimization"]["stage"] == 2
+    assert json.loads((CONFIG_DIR / "zero3.json").read_text())["zero_optimization"]["stage"] == 3
+
+
+def test_cli_reports_data_errors_in_one_line(tmp_path, media, capsys):
+    path = write_config(tmp_path, media)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["datasets"][0]["sampling_strategy"] = "most"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("videoxl2: error: ") and err.count("\n") == 1
+    assert "videos.json: sampling_strategy 'most'" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
+def test_deepspeed_without_the_package_is_named(tmp_path, media):
+    with pytest.raises(ConfigError, match="deepspeed"):
+        train(load_config(write_config(tmp_path, media, deepspeed="zero3")))
