@@ -110,3 +110,8 @@ def test_layout_needs_one_marker(tokenizer):
     with pytest.raises(InputError, match="exactly one <image>"):
         build_layout(tokenizer, "no marker", [0.0], 4, 3)
     assert isinstance(build_layout(tokenizer, "<image>", [0.0], 4, 3).input_ids, torch.Tensor)
+
+
+def test_blank_line_after_marker_survives():
+    assert "user\n<image>\n\nWhich option?" in build_prompt("<image>\n\nWhich option?")
+    assert "user\n<image>\n\nWhich option?" in build_prompt("\nWhich option?")

@@ -68,9 +68,15 @@ def build_prompt(question: str, history: Sequence | None = None, system: str = S
     turns = [*normalize_history(history), (question, None)]
     parts = [f"<|im_start|>system\n{system}<|im_end|>\n"]
     for index, (user, answer) in enumerate(turns):
-        user = rewrite_times(user.replace(IMAGE_MARKER, "").lstrip("\n") if index == 0 else user)
         if index == 0:
-            user = f"{IMAGE_MARKER}\n{user}"
+            # One marker leads the first turn; a marker the caller wrote is moved there with its newline only,
+            # so deliberate blank lines (the release's MLVU prompt starts with one) survive.
+            if IMAGE_MARKER in user:
+                user = user.replace(IMAGE_MARKER + "\n", "", 1) if IMAGE_MARKER + "\n" in user else user
+                user = user.replace(IMAGE_MARKER, "")
+            user = f"{IMAGE_MARKER}\n{rewrite_times(user)}"
+        else:
+            user = rewrite_times(user)
         parts.append(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
         if answer is not None:
             parts.append(f"{answer}<|im_end|>\n")
