@@ -30,15 +30,6 @@ GEN = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~100x faster on one thread than on two when the other core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     from videoxl2.video.synthetic import write_synthetic_video

@@ -17,17 +17,6 @@ from videoxl2.cli import main
 FAST = ["--max-frames", "8", "--max-new-tokens", "3", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~100x faster on one thread than on two when the other core is busy."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     """Three short videos (different lengths and rates) that datasets link under their own names."""

@@ -26,15 +26,6 @@ ANSWERS = ["The answer is red square.", "The answer is blue circle.", "The answe
 PARTS = {"vision": "vision_tower.", "dts": "dts.", "projector": "projector.", "llm": "language_model."}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it costs up to 7x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     """Three 16-frame videos (4 fps), one still image, and an annotation file of video QA samples."""
