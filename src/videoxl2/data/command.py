@@ -1,0 +1,26 @@
+"""`videoxl2 make-data`: write a synthetic needle dataset (videos + LLaVA JSON + data YAML)."""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--videos", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames-min", type=int, default=16)
+    parser.add_argument("--frames-max", type=int, default=64)
+    parser.add_argument("--fps", type=float, default=1.0)
+    parser.add_argument("--split", default="train")
+
+
+def run(args) -> int:
+    from .synthetic import make_dataset
+
+    path = make_dataset(
+        args.out, args.videos, args.seed, (args.frames_min, args.frames_max), args.fps, args.split
+    )
+    print(f"wrote {args.videos} videos and {path}")
+    return 0
+
+
+COMMANDS = {"make-data": ("write a synthetic needle-in-a-haystack dataset", add_arguments, run)}

@@ -1,0 +1,215 @@
+"""Synthetic long videos with needles, and questions with exact answers, for training and testing.
+
+A haystack of slowly drifting grey blobs (never a needle colour) carries "needle" events: a large coloured
+shape shown for one 4-frame group. The vocabulary is small on purpose (6 colours x 4 shapes at 64x64) so a
+tiny model can learn it on a CPU. Videos are written at `fps` (default 1) and needles start on group
+boundaries, so sampling at that rate shows every frame and a needle's time is exactly the `Time {t}s:` text
+of the group that shows it. Everything is deterministic from the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..video.synthetic import write_synthetic_video
+
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 235),
+    "yellow": (240, 220, 40),
+    "magenta": (225, 50, 225),
+    "cyan": (40, 220, 230),
+}
+SHAPES = ("square", "circle", "triangle", "cross")
+GROUP = 4  # frames per group: a needle fills exactly one
+FAMILIES = ("what", "choice", "when", "count", "order")
+CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+@dataclass(frozen=True)
+class Needle:
+    colour: str
+    shape: str
+    start_frame: int
+    num_frames: int = GROUP
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    num_frames: int
+    fps: float = 1.0
+    seed: int = 0
+    needles: tuple[Needle, ...] = ()
+    size: tuple[int, int] = (64, 64)
+
+    def seconds(self, frame: int) -> float:
+        return round(frame / self.fps, 1)
+
+    def needle_at(self, frame: int) -> Needle | None:
+        return next((n for n in self.needles if n.start_frame <= frame < n.start_frame + n.num_frames), None)
+
+
+@lru_cache(maxsize=64)
+def shape_mask(shape: str, height: int, width: int) -> np.ndarray:
+    """Boolean mask of a shape filling the middle ~60% of the frame."""
+    y, x = np.mgrid[0:height, 0:width]
+    cy, cx, r = (height - 1) / 2, (width - 1) / 2, 0.32 * min(height, width)
+    dy, dx = y - cy, x - cx
+    if shape == "square":
+        return (np.abs(dy) <= r) & (np.abs(dx) <= r)
+    if shape == "circle":
+        return dy**2 + dx**2 <= (1.15 * r) ** 2
+    if shape == "triangle":
+        return (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) / 2)
+    if shape == "cross":
+        return ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r)) | ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r))
+    raise InputError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+
+
+def haystack_frame(spec: VideoSpec, index: int) -> np.ndarray:
+    """Grey background with two soft grey blobs drifting smoothly: varied, but colourless."""
+    height, width = spec.size
+    rng = np.random.default_rng(spec.seed)
+    base, phase, speed = rng.uniform(70, 140), rng.uniform(0, 2 * np.pi, 4), rng.uniform(0.05, 0.2, 4)
+    y, x = np.mgrid[0:height, 0:width]
+    grey = np.full((height, width), base)
+    for blob in range(2):
+        cy = height * (0.5 + 0.35 * np.sin(phase[2 * blob] + speed[2 * blob] * index))
+        cx = width * (0.5 + 0.35 * np.cos(phase[2 * blob + 1] + speed[2 * blob + 1] * index))
+        grey += (40 if blob else -40) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (0.05 * height * width))
+    return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def render_frame(spec: VideoSpec, index: int) -> np.ndarray:
+    frame = haystack_frame(spec, index)
+    needle = spec.needle_at(index)
+    if needle is not None:
+        frame[shape_mask(needle.shape, *spec.size)] = COLOURS[needle.colour]
+    return frame
+
+
+def write_video(spec: VideoSpec, path) -> Path:
+    return write_synthetic_video(
+        path, spec.num_frames, spec.fps, spec.size, spec.seed, lambda i: render_frame(spec, i)
+    )
+
+
+def random_spec(
+    rng: np.random.Generator, num_frames: int, fps: float = 1.0, max_needles: int = 3
+) -> VideoSpec:
+    """A video with 1..max_needles needles in distinct groups (colour/shape drawn at random)."""
+    groups = num_frames // GROUP
+    if groups < 1:
+        raise InputError(f"a synthetic video needs at least {GROUP} frames, got {num_frames}")
+    count = int(rng.integers(1, min(max_needles, groups) + 1))
+    starts = sorted(int(g) * GROUP for g in rng.choice(groups, size=count, replace=False))
+    needles = tuple(
+        Needle(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), start) for start in starts
+    )
+    return VideoSpec(num_frames, fps, int(rng.integers(0, 2**31)), needles)
+
+
+def needle_haystack_spec(
+    num_frames: int, depth: float, needle: Needle | None = None, fps: float = 1.0, seed: int = 0
+):
+    """One needle at relative depth `depth` in [0, 1] of a haystack (V-NIAH), on a group boundary."""
+    if not 0 <= depth <= 1:
+        raise InputError(f"depth must be in [0, 1], got {depth}")
+    groups = num_frames // GROUP
+    if groups < 1:
+        raise InputError(f"a haystack needs at least {GROUP} frames, got {num_frames}")
+    start = min(int(round(depth * (groups - 1))), groups - 1) * GROUP
+    needle = needle or Needle("red", "circle", 0)
+    return VideoSpec(num_frames, fps, seed, (Needle(needle.colour, needle.shape, start),))
+
+
+@dataclass
+class Question:
+    family: str
+    question: str
+    answer: str
+    extra: dict = field(default_factory=dict)
+
+
+def questions(spec: VideoSpec, rng: np.random.Generator) -> list[Question]:
+    """One question per applicable family, with exact answers derived from the spec."""
+    first = spec.needles[0]
+    out = [Question("what", "What was the first shape shown in the video?", first.name)]
+    names = sorted({f"{c} {s}" for c in COLOURS for s in SHAPES} - {first.name})
+    options = [first.name, *(str(name) for name in rng.choice(names, size=3, replace=False))]
+    rng.shuffle(options)
+    letters = "ABCD"
+    listing = "\n".join(f"({letter}) {name}" for letter, name in zip(letters, options))
+    choice = f"What was the first shape shown in the video?\n{listing}\n{CHOICE_SUFFIX}"
+    out.append(Question("choice", choice, letters[options.index(first.name)], {"options": list(options)}))
+    out.append(Question("when", f"When did the {first.name} appear?", f"{spec.seconds(first.start_frame)}s"))
+    colour = first.colour
+    count = sum(n.colour == colour for n in spec.needles)
+    out.append(Question("count", f"How many times did a {colour} shape appear?", str(count)))
+    distinct = [n for n in spec.needles if n.name != first.name]
+    if distinct:
+        later = distinct[0]
+        a, b = (first, later) if rng.random() < 0.5 else (later, first)
+        out.append(Question("order", f"Which came first, the {a.name} or the {b.name}?", first.name))
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def make_dataset(
+    out_dir,
+    num_videos: int,
+    seed: int = 0,
+    frames_range: tuple[int, int] = (16, 64),
+    fps: float = 1.0,
+    split: str = "train",
+) -> Path:
+    """Write `num_videos` videos and `<split>.json` (LLaVA format, one entry per question) + `data.yaml`."""
+    if num_videos < 1:
+        raise InputError(f"--videos must be >= 1, got {num_videos}")
+    low, high = frames_range
+    if not GROUP <= low <= high:
+        raise InputError(f"frames range must satisfy {GROUP} <= min <= max, got {low}..{high}")
+    out = Path(out_dir)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for index in range(num_videos):
+        spec = random_spec(rng, int(rng.integers(low // GROUP, high // GROUP + 1)) * GROUP, fps)
+        name = f"videos/{split}_{seed}_{index:05d}.mp4"
+        write_video(spec, out / name)
+        for number, q in enumerate(questions(spec, rng)):
+            records.append(
+                {
+                    "id": f"{split}_{seed}_{index:05d}_{number}",
+                    "video": name,
+                    "family": q.family,
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\n{q.question}"},
+                        {"from": "gpt", "value": q.answer},
+                    ],
+                    "needles": [asdict(n) for n in spec.needles],
+                    **q.extra,
+                }
+            )
+    _write_atomic(out / f"{split}.json", json.dumps(records, indent=1))
+    _write_atomic(out / "data.yaml", f"datasets:\n  - json_path: {split}.json\n    sampling_strategy: all\n")
+    return out / f"{split}.json"

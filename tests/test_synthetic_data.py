@@ -1,0 +1,98 @@
+"""Synthetic needle videos and their questions: deterministic, exact, and visible in the decoded video."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from videoxl2 import InputError
+from videoxl2.cli import main
+from videoxl2.data import (
+    COLOURS,
+    Needle,
+    VideoSpec,
+    make_dataset,
+    needle_haystack_spec,
+    questions,
+    random_spec,
+    render_frame,
+    write_video,
+)
+from videoxl2.video import iter_frame_batches, plan_sampling, probe_video
+
+
+def test_needle_frames_show_the_needle_after_encoding(tmp_path):
+    spec = VideoSpec(16, 1.0, 3, (Needle("blue", "circle", 8),))
+    path = write_video(spec, tmp_path / "v.mp4")
+    info = probe_video(path)
+    plan = plan_sampling(info.num_frames, info.avg_fps, 64, sample_fps=1.0)
+    assert plan.indices == list(range(16))  # every frame is sampled at the video's own rate
+    frames = np.concatenate(list(iter_frame_batches(path, plan.indices)))
+    centre = frames[:, 32, 32].astype(int)
+    for index in range(16):
+        distance = np.abs(centre[index] - np.array(COLOURS["blue"])).max()
+        assert (distance < 40) == (8 <= index < 12), (index, centre[index])
+
+
+def test_haystack_is_colourless_and_varied():
+    spec = VideoSpec(40, 1.0, 5, ())
+    frames = np.stack([render_frame(spec, i) for i in range(40)])
+    assert (frames[..., 0] == frames[..., 1]).all() and (frames[..., 1] == frames[..., 2]).all()
+    assert np.abs(frames[0].astype(int) - frames[20].astype(int)).max() > 10  # the blobs move
+
+
+def test_questions_have_exact_answers():
+    spec = VideoSpec(
+        40, 2.0, 0, (Needle("red", "square", 4), Needle("green", "cross", 12), Needle("red", "circle", 28))
+    )
+    found = {q.family: q for q in questions(spec, np.random.default_rng(0))}
+    assert found["what"].answer == "red square"
+    assert found["when"].answer == "2.0s"  # frame 4 at 2 fps
+    assert found["count"].answer == "2" and "red shape" in found["count"].question
+    assert found["order"].answer == "red square"
+    choice = found["choice"]
+    options = choice.extra["options"]
+    assert len(set(options)) == 4 and options["ABCD".index(choice.answer)] == "red square"
+    assert f"({choice.answer}) red square" in choice.question
+
+
+def test_random_specs_are_deterministic_and_on_group_boundaries():
+    a = random_spec(np.random.default_rng(7), 64)
+    b = random_spec(np.random.default_rng(7), 64)
+    assert a == b and a != random_spec(np.random.default_rng(8), 64)
+    assert all(n.start_frame % 4 == 0 and n.start_frame + 4 <= 64 for n in a.needles)
+    assert len({n.start_frame for n in a.needles}) == len(a.needles)
+
+
+@pytest.mark.parametrize("depth, start", [(0.0, 0), (1.0, 60), (0.5, 32)])
+def test_needle_depth(depth, start):
+    spec = needle_haystack_spec(64, depth)
+    assert spec.needles[0].start_frame == start
+    with pytest.raises(InputError, match="depth"):
+        needle_haystack_spec(64, 1.5)
+
+
+def test_dataset_files_and_determinism(tmp_path):
+    first = make_dataset(tmp_path / "a", 2, seed=1, frames_range=(8, 16))
+    second = make_dataset(tmp_path / "b", 2, seed=1, frames_range=(8, 16))
+    assert first.read_text() == second.read_text()
+    records = json.loads(first.read_text())
+    assert {r["family"] for r in records} >= {"what", "choice", "when", "count"}
+    for record in records:
+        human, gpt = record["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n") and gpt["from"] == "gpt"
+        assert (first.parent / record["video"]).is_file()
+    assert "json_path: train.json" in (tmp_path / "a" / "data.yaml").read_text()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["data.yaml", "train.json", "videos"]
+
+
+def test_make_data_command(tmp_path, capsys):
+    assert (
+        main(["make-data", str(tmp_path / "d"), "--videos", "1", "--frames-min", "8", "--frames-max", "8"])
+        == 0
+    )
+    assert "wrote 1 videos" in capsys.readouterr().out
+    assert main(["make-data", str(tmp_path / "e"), "--videos", "0"]) == 2
+    assert capsys.readouterr().err.startswith("videoxl2: error: --videos must be >= 1")
