@@ -255,7 +255,7 @@ def parameters(model):
 def test_projector_only_trains_the_projector(tmp_path, media):
     from videoxl2.tiny import build_tiny_model
 
-    before = parameters(build_tiny_model(seed=0)[0])
+    before = parameters(build_tiny_model(seed=0, init_std=None)[0])
     result = train(load_config(write_config(tmp_path, media, trainable="projector_only", max_steps=2)))
     after = parameters(load_model(result.output_dir))
     assert result.trainable_params["projector"] > 0
@@ -263,6 +263,27 @@ def test_projector_only_trains_the_projector(tmp_path, media):
     for part, prefix in PARTS.items():
         changed = [n for n in before if n.startswith(prefix) and not torch.equal(before[n], after[n])]
         assert bool(changed) == (part == "projector"), part
+
+
+def test_part_learning_rates_reach_the_optimizer(tmp_path, media):
+    from videoxl2.tiny import build_tiny_model
+
+    path = write_config(tmp_path, media, max_steps=2)
+    raw = yaml.safe_load(path.read_text())
+    raw["learning_rates"] = {"vision": 0.0, "dts": 1e-3}
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    assert config.learning_rates == {"vision": 0.0, "dts": 1e-3}
+    before = parameters(build_tiny_model(seed=0, init_std=None)[0])
+    after = parameters(load_model(train(config).output_dir))
+    for part, prefix in PARTS.items():
+        changed = [n for n in before if n.startswith(prefix) and not torch.equal(before[n], after[n])]
+        assert bool(changed) == (part != "vision"), part  # rate 0 leaves the vision tower as it was
+
+    raw["learning_rates"] = {"eyes": 1e-3}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="learning_rates: unknown keys"):
+        load_config(path)
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +340,7 @@ def test_lora_trains_adapters_and_saves_merged(tmp_path, media):
     pytest.importorskip("peft", reason="LoRA needs peft (the train extra)")
     from videoxl2.tiny import build_tiny_model
 
-    before = parameters(build_tiny_model(seed=0)[0])
+    before = parameters(build_tiny_model(seed=0, init_std=None)[0])
     lora = {"r": 4, "alpha": 8, "dropout": 0.0}
     trainable = {"vision": False, "dts": False, "projector": True, "llm": True}
     result = train(load_config(write_config(tmp_path, media, trainable=trainable, lora=lora, max_steps=3)))

@@ -171,7 +171,7 @@ COMMANDS = {"chat": run_chat, "init-tiny": run_init_tiny, "synth-video": run_syn
 
 # Packages that bring their own sub-commands: each has a `command.py` with
 # COMMANDS = {name: (help, add_arguments(parser), run(args) -> exit code)}.
-PLUGIN_MODULES = ("data", "train", "eval", "serve")
+PLUGIN_MODULES = ("data", "train", "eval", "serve", "demo")
 
 
 def plugin_commands() -> dict:

@@ -53,18 +53,23 @@ def tiny_config(tokenizer=None, **overrides) -> VideoXL2Config:
     return VideoXL2Config(**values)
 
 
-def build_tiny_model(seed: int = 0, tokenizer=None, **overrides):
-    """A randomly initialised tiny model (fp32, eval mode) and its tokenizer."""
+def build_tiny_model(seed: int = 0, tokenizer=None, init_std: float | None = 0.2, **overrides):
+    """A randomly initialised tiny model (fp32, eval mode) and its tokenizer.
+
+    `init_std` 0.2 (tests, demos of the machinery) gives well-separated random logits, so greedy decoding
+    of an untrained model is stable; `None` keeps transformers' standard init, the one to train from.
+    """
     from .modeling.videoxl2 import VideoXL2ForCausalLM
 
     tokenizer = tokenizer or build_tiny_tokenizer()
     torch.manual_seed(seed)
     model = VideoXL2ForCausalLM(tiny_config(tokenizer, **overrides))
-    # Larger than transformers' 0.02 init so random logits are well separated (stable greedy decoding).
+    if init_std is None:
+        return model.eval(), tokenizer
     with torch.no_grad():
         for param in model.language_model.parameters():
             if param.ndim == 2:
-                param.normal_(0.0, 0.2)
+                param.normal_(0.0, init_std)
         for param in model.dts.parameters():
             if param.ndim > 1 and not param.any():
                 param.normal_(0.0, 0.05)

@@ -11,13 +11,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--frames-max", type=int, default=64)
     parser.add_argument("--fps", type=float, default=1.0)
     parser.add_argument("--split", default="train")
+    parser.add_argument(
+        "--multi-turn", action="store_true", help="one conversation per video asking all its questions"
+    )
 
 
 def run(args) -> int:
     from .synthetic import make_dataset
 
     path = make_dataset(
-        args.out, args.videos, args.seed, (args.frames_min, args.frames_max), args.fps, args.split
+        args.out,
+        args.videos,
+        args.seed,
+        (args.frames_min, args.frames_max),
+        args.fps,
+        args.split,
+        args.multi_turn,
     )
     print(f"wrote {args.videos} videos and {path}")
     return 0

@@ -64,14 +64,16 @@ class VideoSpec:
 
 @lru_cache(maxsize=64)
 def shape_mask(shape: str, height: int, width: int) -> np.ndarray:
-    """Boolean mask of a shape filling the middle ~60% of the frame."""
+    """Boolean mask of a shape filling ~95% of the frame: big enough that the shapes differ in which of the
+    tiny model's 4x4 visual tokens they cover (at 60% they differed only inside boundary tokens, which the
+    tiny model could not learn to tell apart)."""
     y, x = np.mgrid[0:height, 0:width]
-    cy, cx, r = (height - 1) / 2, (width - 1) / 2, 0.32 * min(height, width)
+    cy, cx, r = (height - 1) / 2, (width - 1) / 2, 0.47 * min(height, width)
     dy, dx = y - cy, x - cx
     if shape == "square":
         return (np.abs(dy) <= r) & (np.abs(dx) <= r)
     if shape == "circle":
-        return dy**2 + dx**2 <= (1.15 * r) ** 2
+        return dy**2 + dx**2 <= r**2
     if shape == "triangle":
         return (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) / 2)
     if shape == "cross":
@@ -181,8 +183,13 @@ def make_dataset(
     frames_range: tuple[int, int] = (16, 64),
     fps: float = 1.0,
     split: str = "train",
+    multi_turn: bool = False,
 ) -> Path:
-    """Write `num_videos` videos and `<split>.json` (LLaVA format, one entry per question) + `data.yaml`."""
+    """Write `num_videos` videos and `<split>.json` (LLaVA format) + `data.yaml`.
+
+    One entry per question, or with `multi_turn` one conversation per video asking every question in a random
+    order: the video is encoded once for all its answers, which makes CPU training about 4x cheaper.
+    """
     if num_videos < 1:
         raise InputError(f"--videos must be >= 1, got {num_videos}")
     low, high = frames_range
@@ -196,7 +203,24 @@ def make_dataset(
         spec = random_spec(rng, int(rng.integers(low // GROUP, high // GROUP + 1)) * GROUP, fps)
         name = f"videos/{split}_{seed}_{index:05d}.mp4"
         write_video(spec, out / name)
-        for number, q in enumerate(questions(spec, rng)):
+        asked = questions(spec, rng)
+        if multi_turn:
+            order = rng.permutation(len(asked))
+            turns = []
+            for position, q in enumerate(asked[i] for i in order):
+                prefix = "<image>\n" if position == 0 else ""
+                turns += [{"from": "human", "value": prefix + q.question}, {"from": "gpt", "value": q.answer}]
+            records.append(
+                {
+                    "id": f"{split}_{seed}_{index:05d}",
+                    "video": name,
+                    "family": "multi",
+                    "conversations": turns,
+                    "needles": [asdict(n) for n in spec.needles],
+                }
+            )
+            continue
+        for number, q in enumerate(asked):
             records.append(
                 {
                     "id": f"{split}_{seed}_{index:05d}_{number}",

@@ -7,6 +7,8 @@
            model_max_length}         # or the data YAML's `datasets:` list inline
     trainable: stage3 | stage4 | projector_only | {vision: bool, dts: bool, projector: bool, llm: bool}
     lora: {r, alpha, dropout, target_modules}   # optional: LoRA adapters on the LLM instead of full weights
+    learning_rates: {vision: 2e-6, ...}  # optional per-part rates (the release's mm_vision_tower_lr idea);
+                                    # parts not named use training.learning_rate
     training: {TrainingArguments keys; deepspeed: zero2 | zero3 | PATH}
 
 Every relative path is relative to the folder of the file that holds it, so a config runs from anywhere.
@@ -50,7 +52,7 @@ TRAINING_DEFAULTS = dict(
 )
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEEPSPEED_PRESETS = {"zero2": CONFIG_DIR / "zero2.json", "zero3": CONFIG_DIR / "zero3.json"}
-_TOP_KEYS = {"model", "tokenizer", "model_dtype", "data", "trainable", "lora", "training"}
+_TOP_KEYS = {"model", "tokenizer", "model_dtype", "data", "trainable", "lora", "learning_rates", "training"}
 
 
 @dataclass
@@ -63,6 +65,7 @@ class TrainConfig:
     trainable: dict[str, bool]
     lora: dict | None
     training: dict
+    learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def tiny_overrides(self) -> dict | None:
@@ -141,6 +144,21 @@ def parse_trainable(value, where: str) -> dict[str, bool]:
     return parts
 
 
+def parse_learning_rates(value, where: str) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: learning_rates must be a mapping of {list(PARTS)} to numbers")
+    _unknown(value, PARTS, f"{where}: learning_rates")
+    try:
+        rates = {part: float(rate) for part, rate in value.items()}
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: learning_rates values must be numbers: {err}") from err
+    if any(rate < 0 for rate in rates.values()):
+        raise ConfigError(f"{where}: learning_rates must be >= 0")
+    return rates
+
+
 def parse_training(section, base: Path, where: str, overrides: dict) -> dict:
     import torch
 
@@ -197,4 +215,5 @@ def load_config(path, overrides: dict | None = None) -> TrainConfig:
         trainable=trainable,
         lora=lora,
         training=parse_training(raw["training"], base, where, overrides or {}),
+        learning_rates=parse_learning_rates(raw.get("learning_rates"), where),
     )

@@ -53,7 +53,8 @@ def build_model(config: TrainConfig, seed: int):
 
     tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else build_tiny_tokenizer()
     try:
-        model, _ = build_tiny_model(seed, tokenizer, **overrides)
+        # Standard init unless the config says otherwise: the tests' wide init is no start for training.
+        model, _ = build_tiny_model(seed, tokenizer, **{"init_std": None, **overrides})
     except TypeError as err:
         raise ConfigError(f"{config.source}: model.tiny: {err}") from err
     return model.to(dtype), tokenizer
@@ -117,9 +118,47 @@ def resume_checkpoint(resume: bool | str | None, output_dir: str) -> str | None:
     return str(resume)
 
 
+def part_trainer_class():
+    """The stock Trainer, with one optimizer group per (part, weight decay) so parts can have own rates."""
+    from transformers import Trainer
+
+    class PartTrainer(Trainer):
+        def __init__(self, *args, part_rates: dict[str, float] | None = None, **kwargs):
+            self.part_rates = dict(part_rates or {})
+            super().__init__(*args, **kwargs)
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is not None or not self.part_rates:
+                return super().create_optimizer(model)
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model))
+            groups: dict[tuple[str, bool], list] = {}
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    part = next((p for p, m in PART_MODULES.items() if name.startswith(m + ".")), "llm")
+                    groups.setdefault((part, name in decay), []).append(param)
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            base = kwargs.pop("lr", self.args.learning_rate)
+            self.optimizer = cls(
+                [
+                    {
+                        "params": params,
+                        "lr": self.part_rates.get(part, base),
+                        "weight_decay": self.args.weight_decay if decays else 0.0,
+                    }
+                    for (part, decays), params in groups.items()
+                ],
+                lr=base,
+                **kwargs,
+            )
+            return self.optimizer
+
+    return PartTrainer
+
+
 def train(config: TrainConfig, resume: bool | str | None = None) -> TrainResult:
     """Run the Trainer; `resume` is True (latest checkpoint in output_dir) or a checkpoint folder."""
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     seed = int(config.training.get("seed", 42))
     samples = load_samples(config.data, seed)
@@ -135,7 +174,8 @@ def train(config: TrainConfig, resume: bool | str | None = None) -> TrainResult:
         add_lora(model, config.lora)
         counts["llm"] = sum(p.numel() for p in model.language_model.parameters() if p.requires_grad)
     dataset = SupervisedDataset(samples, tokenizer, model.config, config.data)
-    trainer = Trainer(
+    trainer = part_trainer_class()(
+        part_rates=config.learning_rates,
         model=model, args=args, train_dataset=dataset, data_collator=Collator(pad), processing_class=tokenizer
     )
     start = time.perf_counter()
