@@ -11,7 +11,13 @@ from .errors import VideoXL2Error
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint folder (the release's or ours)")
+    from .defaults import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="checkpoint folder, the release's or ours (default: the bundled demo model)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16"

@@ -86,10 +86,12 @@ def generate_tokens(
     step: Callable[[int], torch.Tensor],
     tokenizer,
     settings: GenerationSettings,
+    on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Pick tokens from `first_logits`, feeding each to `step` for the next logits, until a stop.
 
     Returns the generated ids without the stop token. Multi-token stop strings are cut from the text.
+    `on_token` sees each kept id as it is chosen (streaming); an exception it raises stops generation.
     """
     stops = stop_token_ids(tokenizer, settings)
     processors = settings.processors()
@@ -108,6 +110,8 @@ def generate_tokens(
         if token in stops:
             break
         generated.append(token)
+        if on_token is not None:
+            on_token(token)
         text = tokenizer.decode(generated[-8:])
         if any(s in text for s in settings.stop_strings):
             break

@@ -40,12 +40,21 @@ def run_on_cache(runner: LayerRunner, model, cache: MixedCache, token_ids: torch
 
 @torch.inference_mode()
 def answer_from_cache(
-    model, tokenizer, mixed: MixedCache, question_ids: torch.Tensor, settings: GenerationSettings
+    model,
+    tokenizer,
+    mixed: MixedCache,
+    question_ids: torch.Tensor,
+    settings: GenerationSettings,
+    on_token=None,
 ) -> list[int]:
     """Generate the answer to `question_ids` (the text after the video); fills `mixed`'s spare capacity."""
     runner = LayerRunner(model)
     mixed.reserve(question_ids.numel() + int(settings.max_new_tokens))
     first = run_on_cache(runner, model, mixed, question_ids)
     return generate_tokens(
-        first, lambda token: run_on_cache(runner, model, mixed, torch.tensor([token])), tokenizer, settings
+        first,
+        lambda token: run_on_cache(runner, model, mixed, torch.tensor([token])),
+        tokenizer,
+        settings,
+        on_token,
     )

@@ -212,10 +212,13 @@ class VideoSession:
         )
 
     @torch.inference_mode()
-    def ask(self, question: str, history=None, generation_config: dict | None = None, units=None) -> Answer:
+    def ask(
+        self, question: str, history=None, generation_config: dict | None = None, units=None, on_token=None
+    ) -> Answer:
         """Answer one question (after `history` turns) from the stored video; the memory is not changed.
 
         `units`: an external selection of dense units (bilevel mode), replacing the model's own scoring.
+        `on_token`: called with each new token id as it is generated (streaming, cancellation).
         """
         settings = GenerationSettings.from_dict(generation_config)
         question_ids = self.question_ids(question, history)
@@ -242,7 +245,7 @@ class VideoSession:
             self.runner, dense_units, rerotate=rerotate, device=self.device, reserve=reserve
         )
         video_kv_tokens, video_kv_bytes = mixed.length, mixed.nbytes()
-        ids = answer_from_cache(self.model, self.tokenizer, mixed, question_ids, settings)
+        ids = answer_from_cache(self.model, self.tokenizer, mixed, question_ids, settings, on_token)
         infos = memory.units()
         for info in infos:
             info.dense = info.index in mixed.dense_units

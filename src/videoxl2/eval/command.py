@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, help="folder for samples.jsonl, results.json and resume state"
     )
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None, help="checkpoint folder to evaluate"
+        "--model", default=DEFAULT_MODEL, help="checkpoint folder (default: the demo model)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (each process takes its LOCAL_RANK GPU)")
     parser.add_argument(

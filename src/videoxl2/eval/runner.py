@@ -23,11 +23,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..defaults import DEFAULT_MODEL as BUNDLED_MODEL
 from ..errors import InputError, VideoXL2Error
 from .benchmarks import BENCHMARKS, Benchmark, Options
 from .data import Sample, listing
 
-DEFAULT_MODEL = None  # the checkpoint folder `videoxl2 eval` uses without --model (None: --model required)
+DEFAULT_MODEL = str(BUNDLED_MODEL)  # `videoxl2 eval` without --model: the bundled demo model
 
 _STAT_KEYS = (
     "mode", "video_tokens", "question_tokens", "new_tokens", "kv_tokens", "kv_bytes", "dense_kv_bytes",

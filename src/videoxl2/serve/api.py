@@ -1,0 +1,223 @@
+"""The HTTP face: OpenAI-style /v1/chat/completions (plain and server-sent events), /v1/models, /health.
+
+Every failure is a JSON `{"error": {...}}` with a 4xx/5xx status; nothing a client sends reaches it as a
+stack trace, and one bad request never stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .errors import ServeError
+from .schemas import ChatRequest
+from .service import Job, VideoChatService
+
+log = logging.getLogger("videoxl2.serve")
+
+
+def conversation(request: ChatRequest) -> Job:
+    """The one video (or image) of the conversation, its earlier turns and the question to answer."""
+    media, turns = [], []
+    for number, message in enumerate(request.messages):
+        if message.role == "system":
+            continue  # the model has its own fixed system prompt (see docs/serving.md)
+        parts = [] if isinstance(message.content, str) else message.content
+        text = message.content if isinstance(message.content, str) else ""
+        text = text or "\n".join(p.text for p in parts if p.type == "text")
+        for part in parts:
+            if part.type in ("video_url", "image_url"):
+                if message.role != "user":
+                    raise ServeError(400, f"messages[{number}]: media can only be in user messages")
+                kind = part.type.split("_")[0]
+                media.append((getattr(part, part.type).url, kind))
+        turns.append((message.role, text.strip()))
+    if len(media) != 1:
+        raise ServeError(
+            400, f"a conversation needs exactly one video_url or image_url part, found {len(media)}"
+        )
+    roles = [role for role, _ in turns]
+    if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
+        raise ServeError(
+            400, "messages must alternate user/assistant, starting and ending with a user message"
+        )
+    if not turns[-1][1]:
+        raise ServeError(400, "the last user message has no text question")
+    history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+    return Job(
+        media_url=media[0][0],
+        media_kind=media[0][1],
+        question=turns[-1][1],
+        history=history,
+        max_frames=request.max_frames,
+        sample_fps=request.sample_fps,
+        max_sample_fps=request.max_sample_fps,
+        engine=request.engine(),
+        generation=request.generation(),
+    )
+
+
+def create_app(service: VideoChatService) -> FastAPI:
+    settings = service.settings
+    app = FastAPI(title="videoxl2", version="0.1.0")
+    app.state.service = service
+
+    @app.exception_handler(ServeError)
+    async def serve_error(_request, err: ServeError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_request, err: RequestValidationError):
+        problems = []
+        for item in err.errors()[:5]:
+            where = ".".join(str(x) for x in item.get("loc", ()) if x != "body") or "body"
+            problems.append(f"{where}: {item.get('msg')}")
+        return JSONResponse(
+            ServeError(400, "invalid request: " + "; ".join(problems)).body(), status_code=400
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request, err: Exception):
+        log.exception("unexpected error")
+        return JSONResponse(ServeError(500, f"internal error ({type(err).__name__})").body(), status_code=500)
+
+    limit = settings.max_upload_bytes * 4 // 3 + 2**20  # base64 of the largest upload, plus the JSON
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            error = ServeError(
+                413, f"request body over the server's {settings.max_upload_bytes // 2**20} MiB upload limit"
+            )
+            return JSONResponse(error.body(), status_code=413)
+        return await call_next(request)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
+            raise ServeError(401, "missing or wrong API key (send Authorization: Bearer KEY)")
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "model": service.model_id,
+            "busy": service.busy,
+            "cached_videos": len(service.cache),
+        }
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": service.model_id, "object": "model", "owned_by": "videoxl2"}],
+        }
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat(body: ChatRequest, request: Request):
+        job = conversation(body)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        cancel = threading.Event()
+        service.admit()  # 429 now, before any response starts
+        if body.stream:
+            events = stream_events(service, job, cancel, ident, created, body)
+            return StreamingResponse(events, media_type="text/event-stream")
+        task = asyncio.ensure_future(service.submit(job, None, cancel, admitted=True))
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                cancel.set()
+                task.cancel()
+                return JSONResponse(ServeError(499, "client closed the request").body(), status_code=499)
+        result = task.result()
+        return {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": service.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result["text"]},
+                    "finish_reason": result["finish_reason"],
+                }
+            ],
+            "usage": usage(result),
+            "videoxl2": result["stats"],
+        }
+
+    return app
+
+
+def usage(result: dict) -> dict:
+    prompt, completion = result["prompt_tokens"], result["completion_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def stream_events(service, job, cancel, ident, created, body):
+    """OpenAI chunk events: the role, text deltas as tokens come, a last chunk with the finish reason (and
+    usage when asked), then [DONE]. If the client leaves, the job is cancelled and its slot freed."""
+    loop = asyncio.get_running_loop()
+    deltas: asyncio.Queue[str] = asyncio.Queue()
+
+    def chunk(delta: dict, finish=None, **extra) -> str:
+        data = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": service.model_id,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return f"data: {json.dumps(data)}\n\n"
+
+    def on_text(delta: str) -> None:
+        loop.call_soon_threadsafe(deltas.put_nowait, delta)
+
+    task = asyncio.ensure_future(service.submit(job, on_text, cancel, admitted=True))
+    streamed = ""
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            getter = asyncio.ensure_future(deltas.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                streamed += getter.result()
+                yield chunk({"content": getter.result()})
+                continue
+            getter.cancel()
+            while not deltas.empty():
+                delta = deltas.get_nowait()
+                streamed += delta
+                yield chunk({"content": delta})
+            break
+        try:
+            result = task.result()
+        except ServeError as err:
+            yield f"data: {json.dumps(err.body())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        text = result["text"]
+        if text.startswith(streamed) and len(text) > len(streamed):
+            yield chunk({"content": text[len(streamed) :]})
+        extra = {"videoxl2": result["stats"]}
+        if body.stream_options is not None and body.stream_options.include_usage:
+            extra["usage"] = usage(result)
+        yield chunk({}, result["finish_reason"], **extra)
+        yield "data: [DONE]\n\n"
+    finally:
+        if not task.done():
+            cancel.set()

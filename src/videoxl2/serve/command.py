@@ -1,0 +1,109 @@
+"""`videoxl2 serve` (the API, optionally with the UI at /ui) and `videoxl2 ui` (the UI alone)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    from ..defaults import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--model", default=str(DEFAULT_MODEL), help="checkpoint folder (default: the demo model)"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--host", default="127.0.0.1", help="default loopback only; 0.0.0.0 exposes it")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--media-root",
+        action="append",
+        default=[],
+        help="folder whose files file:// URLs may read (repeatable)",
+    )
+    parser.add_argument(
+        "--max-frames-limit", type=int, default=2048, help="most frames a request may ask for"
+    )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1")
+    parser.add_argument("--max-queue", type=int, default=8, help="requests admitted at once; more get 429")
+    parser.add_argument("--cache-gb", type=float, default=2.0, help="video memory cache size")
+    parser.add_argument("--allow-remote-urls", action="store_true", help="let requests name http(s) videos")
+    parser.add_argument("--max-upload-mb", type=float, default=64.0, help="largest data: upload")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a request gets 504")
+    parser.add_argument("--ui", action="store_true", help="also serve the web UI at /ui")
+
+
+def settings_from(args, **extra):
+    from ..errors import InputError
+    from .service import ServeSettings
+
+    if getattr(args, "max_queue", 1) < 1 or getattr(args, "timeout", 1) <= 0:
+        raise InputError("--max-queue must be >= 1 and --timeout > 0")
+    return ServeSettings(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        media_roots=args.media_root,
+        max_frames_limit=args.max_frames_limit,
+        **extra,
+    )
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    from .api import create_app
+    from .service import VideoChatService
+
+    settings = settings_from(
+        args,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+        cache_bytes=int(args.cache_gb * 2**30),
+        allow_remote_urls=args.allow_remote_urls,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        timeout_s=args.timeout,
+    )
+    service = VideoChatService(settings)
+    app = create_app(service)
+    if args.ui:
+        import gradio as gr
+
+        from .ui import build_ui
+
+        app = gr.mount_gradio_app(app, build_ui(service), path="/ui")
+    print(
+        f"videoxl2 serving {service.model_id} on http://{args.host}:{args.port}"
+        + (" (UI at /ui)" if args.ui else "")
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        service.close()
+    return 0
+
+
+def run_ui(args) -> int:
+    from .service import VideoChatService
+    from .ui import build_ui
+
+    service = VideoChatService(settings_from(args))
+    try:
+        build_ui(service).launch(server_name=args.host, server_port=args.port)
+    finally:
+        service.close()
+    return 0
+
+
+COMMANDS = {
+    "serve": (
+        "OpenAI-compatible video chat API (FastAPI), optionally with the web UI",
+        add_serve_arguments,
+        run_serve,
+    ),
+    "ui": ("the web UI alone (Gradio)", _common, run_ui),
+}

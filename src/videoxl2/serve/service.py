@@ -1,0 +1,222 @@
+"""The model behind the API and the UI: one worker thread runs one question at a time (the model is not
+re-entrant and a CPU has no spare cores to share), a bounded number of requests may wait, and pre-filled
+videos are cached so follow-up questions skip decoding and pre-fill."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import VideoXL2Error
+from .cache import SessionCache, file_digest
+from .errors import ServeError, from_library_error
+from .media import MediaPolicy, resolve_media
+
+
+@dataclass
+class ServeSettings:
+    model: str
+    device: str = "cpu"
+    dtype: str | None = None
+    media_roots: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    max_queue: int = 8  # requests admitted at once (running + waiting); more get 429
+    cache_bytes: int = 2 * 2**30
+    allow_remote_urls: bool = False
+    max_upload_bytes: int = 64 * 2**20
+    timeout_s: float = 300.0
+    max_frames_limit: int = 2048  # the most frames one request may ask for
+
+
+@dataclass
+class Job:
+    """One question: the conversation's media, earlier turns, and the settings to answer with."""
+
+    media_url: str
+    media_kind: str  # "video" | "image"
+    question: str
+    history: list[tuple[str, str]] = field(default_factory=list)
+    max_frames: int = 512
+    sample_fps: float | None = 1.0
+    max_sample_fps: float | None = None
+    engine: dict = field(default_factory=dict)
+    generation: dict = field(default_factory=dict)
+    local_path: Path | None = None  # set by the in-process UI only: a file it already holds, no URL checks
+
+
+class Cancelled(Exception):
+    """The client went away or the request timed out: stop generating and free the slot."""
+
+
+class VideoChatService:
+    def __init__(self, settings: ServeSettings, model=None, tokenizer=None):
+        from .. import load_model, load_tokenizer
+
+        self.settings = settings
+        self.model = (
+            model if model is not None else load_model(settings.model, settings.device, settings.dtype)
+        )
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
+        self.model_id = Path(settings.model).name or "videoxl2"
+        self.policy = MediaPolicy(
+            [Path(r) for r in settings.media_roots], settings.allow_remote_urls, settings.max_upload_bytes
+        )
+        self.cache = SessionCache(settings.cache_bytes)
+        self.scratch = Path(tempfile.mkdtemp(prefix="videoxl2-serve-"))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="videoxl2-model")
+        self._admitted = 0
+        self._lock = threading.Lock()
+
+    @property
+    def busy(self) -> int:
+        return self._admitted
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    # -- admission -------------------------------------------------------------------------------------
+    def admit(self) -> None:
+        with self._lock:
+            if self._admitted >= self.settings.max_queue:
+                raise ServeError(
+                    429, f"server busy: {self._admitted} requests queued or running; retry later"
+                )
+            self._admitted += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+    async def submit(
+        self, job: Job, on_text=None, cancel: threading.Event | None = None, admitted: bool = False
+    ) -> dict:
+        """Queue `job` for the worker; raises ServeError 429 when full (unless the caller already called
+        `admit`), 504 after the timeout."""
+        cancel = cancel or threading.Event()
+        if not admitted:
+            self.admit()
+        loop = asyncio.get_running_loop()
+        queued = time.perf_counter()
+        try:
+            future = loop.run_in_executor(self._executor, self._run, job, on_text, cancel, queued)
+        except RuntimeError:  # executor shut down
+            self._release()
+            raise ServeError(503, "server is shutting down") from None
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.settings.timeout_s)
+        except asyncio.TimeoutError:
+            cancel.set()
+            raise ServeError(
+                504, f"no answer within the server's {self.settings.timeout_s:g} s limit"
+            ) from None
+        except asyncio.CancelledError:
+            cancel.set()  # the client went away: the worker drops the job at its next step
+            raise
+
+    # -- the worker ------------------------------------------------------------------------------------
+    def _run(self, job: Job, on_text, cancel: threading.Event, queued: float) -> dict:
+        try:
+            if cancel.is_set():
+                raise Cancelled()
+            return self.answer(job, on_text, cancel, time.perf_counter() - queued)
+        except VideoXL2Error as err:
+            raise from_library_error(err) from err
+        finally:
+            self._release()
+
+    def answer(
+        self, job: Job, on_text=None, cancel: threading.Event | None = None, queue_s: float = 0.0
+    ) -> dict:
+        """Answer `job` now, in this thread (the worker, or a caller that owns the model)."""
+        import torch
+
+        from ..engine.session import VideoSession
+        from ..engine.settings import EngineSettings
+
+        start = time.perf_counter()
+        if job.local_path is not None:
+            path = Path(job.local_path)
+        else:
+            path = resolve_media(job.media_url, job.media_kind, self.policy, self.scratch)
+        try:
+            if job.max_frames > self.settings.max_frames_limit:
+                raise ServeError(400, f"max_frames {job.max_frames} is over this server's limit of "
+                                      f"{self.settings.max_frames_limit}")  # fmt: skip
+            engine = EngineSettings.from_config(self.model.config, **job.engine)
+            sampling = (job.max_frames, job.sample_fps, job.max_sample_fps)
+            key = (file_digest(path), job.media_kind, sampling, dataclasses.astuple(engine), self.model_id)
+            session = self.cache.get(key)
+            hit = session is not None
+            with torch.inference_mode():
+                if not hit:
+                    session = VideoSession.from_path(
+                        self.model, self.tokenizer, path, job.max_frames, job.sample_fps, job.max_sample_fps,
+                        settings=engine, progress=False,
+                    )  # fmt: skip
+                    session.prefill()
+                    self.cache.put(key, session)
+                prepared = time.perf_counter()
+                answer = session.ask(
+                    job.question, job.history, job.generation, on_token=self._streamer(on_text, cancel)
+                )
+        finally:
+            if path.is_relative_to(self.scratch):
+                path.unlink(missing_ok=True)
+        stats = answer.stats
+        max_new = int(job.generation.get("max_new_tokens", 256))
+        units = [
+            {k: u[k] for k in ("index", "start_seconds", "end_seconds", "dense", "score")}
+            for u in stats["units"]
+        ]
+        return dict(
+            text=answer.text,
+            finish_reason="length" if stats["new_tokens"] >= max_new else "stop",
+            prompt_tokens=int(session.layout.video_end + stats["question_tokens"]),
+            completion_tokens=int(stats["new_tokens"]),
+            stats=dict(
+                cache_hit=hit,
+                mode=stats["mode"],
+                frames=stats["frames"],
+                groups=stats["groups"],
+                kv_tokens=stats["kv_tokens"],
+                kv_bytes=stats["kv_bytes"],
+                dense_kv_bytes=stats.get("dense_kv_bytes"),
+                selected_units=[u for u in units if u["dense"]] if stats["mode"] == "bilevel" else [],
+                units=units,
+                timings=dict(
+                    queue_s=round(queue_s, 4),
+                    prepare_s=round(prepared - start, 4),
+                    answer_s=round(stats["answer_s"], 4),
+                    total_s=round(time.perf_counter() - start, 4),
+                ),
+            ),
+        )
+
+    def _streamer(self, on_text, cancel: threading.Event | None):
+        """An `on_token` hook: stops on cancel and passes text deltas on. Trailing whitespace is held back,
+        because the final answer is stripped: the deltas always join to exactly the answer's text."""
+        generated: list[int] = []
+        sent = ""
+
+        def on_token(token: int) -> None:
+            nonlocal sent
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            if on_text is None:
+                return
+            generated.append(token)
+            # A trailing U+FFFD may be the first half of a multi-byte character: wait for the rest.
+            text = self.tokenizer.decode(generated, skip_special_tokens=True).strip().rstrip("\ufffd")
+            if text.startswith(sent) and len(text) > len(sent):
+                on_text(text[len(sent) :])
+                sent = text
+
+        return on_token
