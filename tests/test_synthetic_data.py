@@ -20,6 +20,7 @@ from videoxl2.data import (
     render_frame,
     write_video,
 )
+from videoxl2.data.synthetic import option_matching_records
 from videoxl2.video import iter_frame_batches, plan_sampling, probe_video
 
 
@@ -95,4 +96,29 @@ def test_make_data_command(tmp_path, capsys):
     )
     assert "wrote 1 videos" in capsys.readouterr().out
     assert main(["make-data", str(tmp_path / "e"), "--videos", "0"]) == 2
-    assert capsys.readouterr().err.startswith("videoxl2: error: --videos must be >= 1")
+    assert capsys.readouterr().err.startswith("videoxl2: error: nothing to write: --videos 0")
+
+
+def test_multi_turn_conversations_ask_every_family_once(tmp_path):
+    records = json.loads(make_dataset(tmp_path, 3, seed=2, frames_range=(8, 24), multi_turn=True).read_text())
+    assert len(records) == 3
+    for record in records:
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n")
+        assert not any("<image>" in t["value"] for t in turns[1:])
+        asked = [t["value"].removeprefix("<image>\n") for t in turns[::2]]
+        assert len(asked) in (4, 5) and len(set(asked)) == len(asked)
+
+
+def test_option_matching_drills_point_at_the_named_option():
+    records = option_matching_records(50, seed=3)
+    assert option_matching_records(50, seed=3) == records
+    letters = set()
+    for record in records:
+        question, answer = (t["value"] for t in record["conversations"])
+        named = question.split("was a ")[1].split(".")[0]
+        assert f"({answer}) {named}\n" in question
+        assert "video" not in record
+        letters.add(answer)
+    assert letters == set("ABCD")

@@ -14,6 +14,9 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--multi-turn", action="store_true", help="one conversation per video asking all its questions"
     )
+    parser.add_argument(
+        "--matching", type=int, default=0, help="add this many text-only option-matching drills"
+    )
 
 
 def run(args) -> int:
@@ -27,8 +30,9 @@ def run(args) -> int:
         args.fps,
         args.split,
         args.multi_turn,
+        args.matching,
     )
-    print(f"wrote {args.videos} videos and {path}")
+    print(f"wrote {args.videos} videos, {args.matching} matching drills and {path}")
     return 0
 
 
