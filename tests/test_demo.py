@@ -7,7 +7,7 @@ import json
 import pytest
 
 from videoxl2.cli import main
-from videoxl2.demo.niah import NiahSettings, plot_heatmap, summarize
+from videoxl2.demo.niah import NiahSettings, needle_unit_dense, plot_heatmap, summarize
 from videoxl2.demo.run import demo_spec, run_demo
 from videoxl2.errors import InputError
 
@@ -54,10 +54,24 @@ def test_niah_cli_writes_json_and_one_heatmap_per_mode(tiny_checkpoint, tmp_path
     assert len(records) == 4 * 3
     for record in records:
         assert record["correct"] == (record["answer"].strip().lower() == record["needle"])
+        assert (record["needle_unit_dense"] is None) == (record["mode"] != "bilevel")
+    assert summary["modes"]["bilevel"]["needle_unit_selected"] is not None
     for mode, path in summary["heatmaps"].items():
         assert path.endswith(f"niah-{mode}.png")
         assert (out / f"niah-{mode}.png").read_bytes()[:4] == b"\x89PNG"
     assert "dense" in capsys.readouterr().out
+
+
+def test_needle_unit_lookup():
+    units = [
+        dict(start_seconds=0.0, end_seconds=8.0, dense=True, score=0.5),
+        dict(start_seconds=8.0, end_seconds=16.0, dense=False, score=0.1),
+        dict(start_seconds=16.0, end_seconds=20.0, dense=True, score=0.4),
+    ]
+    assert needle_unit_dense(units, 4.0) is True
+    assert needle_unit_dense(units, 8.0) is False
+    assert needle_unit_dense(units, 20.0) is True  # the last group's start can equal the last end
+    assert needle_unit_dense([{**u, "dense": True, "score": None} for u in units], 9.0) is None
 
 
 def test_niah_summary_and_heatmap_from_known_records(tmp_path):

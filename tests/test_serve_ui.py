@@ -10,7 +10,7 @@ import pytest
 gr = pytest.importorskip("gradio", reason="the UI needs the serve extra")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (.ci/run installs Debian's)")
 
 from serve_helpers import running_server  # noqa: E402
 

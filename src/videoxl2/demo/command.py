@@ -76,7 +76,9 @@ def run_niah(args) -> int:
             f"{result['by_length'][str(n)]:8.1f}" if str(n) in result["by_length"] else f"{'-':>8}"
             for n in summary["lengths"]
         )
-        print(f"{mode:<10}{row}{result['accuracy']:8.1f}")
+        selected = result.get("needle_unit_selected")
+        note = f"   needle's unit kept dense: {selected:.1f}%" if selected is not None else ""
+        print(f"{mode:<10}{row}{result['accuracy']:8.1f}{note}")
     print(f"wrote {args.out}/niah.json and heat maps {', '.join(summary['heatmaps'].values())}")
     return 0
 

@@ -98,6 +98,7 @@ def run_niah(model_path, out_dir, settings: NiahSettings, device: str = "cpu", p
                     session.stats["prefill_wall_s"] = time.perf_counter() - start
                     memories[prefill] = (session.memory, session.runner)
                 answer = session.ask(QUESTION, generation_config={"max_new_tokens": 8})
+            needle_seconds = spec.seconds(spec.needles[0].start_frame)
             records.append(
                 dict(
                     mode=mode,
@@ -105,7 +106,8 @@ def run_niah(model_path, out_dir, settings: NiahSettings, device: str = "cpu", p
                     depth=depth,
                     trial=trial,
                     needle=needle.name,
-                    needle_seconds=spec.seconds(spec.needles[0].start_frame),
+                    needle_seconds=needle_seconds,
+                    needle_unit_dense=needle_unit_dense(answer.stats["units"], needle_seconds),
                     answer=answer.text,
                     correct=normalize_text(answer.text) == normalize_text(spec.needles[0].name),
                     answer_s=answer.stats["answer_s"],
@@ -124,6 +126,14 @@ def run_niah(model_path, out_dir, settings: NiahSettings, device: str = "cpu", p
     return summary
 
 
+def needle_unit_dense(units: list[dict], seconds: float) -> bool | None:
+    """Bi-level only: was the unit holding the needle one of those kept dense? (None in other modes.)"""
+    if not any(not u["dense"] for u in units):
+        return None if not units or units[0].get("score") is None else True
+    holder = next((u for u in units if u["start_seconds"] <= seconds < u["end_seconds"]), units[-1])
+    return bool(holder["dense"])
+
+
 def summarize(records: list[dict], settings: NiahSettings) -> dict:
     modes = {}
     for mode in settings.modes:
@@ -131,8 +141,10 @@ def summarize(records: list[dict], settings: NiahSettings) -> dict:
         cells = {}
         for r in rows:
             cells.setdefault((r["frames"], r["depth"]), []).append(r["correct"])
+        selected = [r["needle_unit_dense"] for r in rows if r.get("needle_unit_dense") is not None]
         modes[mode] = dict(
             accuracy=100 * float(np.mean([r["correct"] for r in rows])) if rows else None,
+            needle_unit_selected=100 * float(np.mean(selected)) if selected else None,
             cells=[
                 dict(frames=f, depth=d, accuracy=100 * float(np.mean(v)), trials=len(v))
                 for (f, d), v in sorted(cells.items())
