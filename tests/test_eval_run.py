@@ -347,11 +347,20 @@ def test_missing_videos_and_fields_are_listed(tmp_path, clips, tiny_checkpoint, 
     assert "video_info.meta.jsonl" in capsys.readouterr().err
 
 
-def test_cli_needs_a_model_and_checks_options(tmp_path, clips, tiny_checkpoint, capsys):
+def test_cli_defaults_to_the_demo_model_and_checks_options(tmp_path, clips, tiny_checkpoint, capsys):
+    from videoxl2.defaults import DEFAULT_MODEL
+
     root = synthetic_data(tmp_path / "data", clips)
-    with pytest.raises(SystemExit):
-        main(["eval", "synthetic", "--data-root", str(root), "--out", str(tmp_path / "out")])
-    assert "--model" in capsys.readouterr().err
+    code = main(
+        ["eval", "synthetic", "--data-root", str(root), "--out", str(tmp_path / "default"), "--limit", "1"]
+    )
+    if (DEFAULT_MODEL / "config.json").is_file():
+        assert code == 0
+        settings = json.loads((tmp_path / "default" / "results.json").read_text())["settings"]
+        assert settings["model"] == str(DEFAULT_MODEL)
+    else:
+        assert code == 2 and "no config.json" in capsys.readouterr().err
+    capsys.readouterr()
     assert run_cli("synthetic", root, tmp_path / "out", tiny_checkpoint, "--subset", "long") == 2
     assert "videomme only" in capsys.readouterr().err
     assert run_cli("charades_sta", root, tmp_path / "out", tiny_checkpoint, "--protocol", "release") == 2
