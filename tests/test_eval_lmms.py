@@ -197,7 +197,9 @@ def test_python_m_lmms_eval_runs_our_model(tmp_path, videos, tiny_checkpoint):
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    [samples] = list((tmp_path / "out").rglob("*_samples_videoxl2_tiny.jsonl"))
+    written = list((tmp_path / "out").rglob("*_samples_videoxl2_tiny.jsonl"))
+    assert len(written) == 1, (done.stdout + done.stderr)[-3000:]
+    [samples] = written
     logged = sorted(
         (json.loads(line) for line in samples.read_text().splitlines()), key=lambda s: s["doc_id"]
     )
