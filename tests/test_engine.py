@@ -11,7 +11,13 @@ from videoxl2.engine.decode import answer_from_cache, run_on_cache
 from videoxl2.engine.memory import VideoMemory
 from videoxl2.engine.prefill import prefill_video
 from videoxl2.engine.reference import chunk_visibility, reference_forward
-from videoxl2.engine.select import attention_mass, choose_units, read_selection_file, score_units, unit_scores
+from videoxl2.engine.select import (
+    choose_units,
+    read_selection_file,
+    score_units,
+    unit_relevance,
+    visual_key_units,
+)
 from videoxl2.errors import InputError
 from videoxl2.generation import GenerationSettings
 from videoxl2.prompt import build_layout, build_prompt
@@ -201,13 +207,26 @@ def test_external_selection_cache_equals_hand_built(case):
     assert mixed.nbytes() < 0.75 * dense.nbytes()  # 3 of 7 units dense
 
 
+def sparse_visual_owner(layout, unit_size, compression, length):
+    """By hand from the layout: the unit of each pooled visual key of the all-sparse cache, -1 elsewhere."""
+    owner = [-1] * layout.video_start
+    for index, group in enumerate(layout.groups):
+        owner += [-1] * (group.visual_start - group.time_start)
+        owner += [index // unit_size] * ((group.end - group.visual_start) // compression)
+    assert len(owner) == length
+    return torch.tensor(owner)
+
+
 def test_scores_equal_attention_mass_from_reference_attention(case):
-    """Per-unit scores = attention mass recomputed with transformers' eager attention weights."""
+    """Per-unit scores = the relevance recomputed from transformers' eager attention weights: per layer, the
+    largest mass a head's question token puts on the unit's pooled visual keys, averaged over layers; keys at
+    their pre-fill positions."""
     model, _, layout, _ = case
     prefill, memory = build_memory(case)
     question = layout.input_ids[layout.video_end :]
     scores = score_units(model, memory, question)
-    mixed = memory.assemble(prefill.runner, (), rerotate=True)
+    mixed = memory.assemble(prefill.runner, (), rerotate=False)
+    assert mixed.next_position == layout.video_end
     cache = to_dynamic_cache(mixed, model.config.text_config)
     model.language_model.config._attn_implementation = "eager"
     model.llm.config._attn_implementation = "eager"
@@ -215,18 +234,25 @@ def test_scores_equal_attention_mass_from_reference_attention(case):
         with torch.inference_mode():
             out = model.llm(
                 input_ids=question[None],
-                position_ids=torch.arange(mixed.length, mixed.length + question.numel())[None],
+                position_ids=torch.arange(layout.video_end, layout.video_end + question.numel())[None],
                 cache=cache,
                 output_attentions=True,
             )
     finally:
         model.language_model.config._attn_implementation = "sdpa"
         model.llm.config._attn_implementation = "sdpa"
-    mass = torch.stack([a[0, :, :, : mixed.length].mean((0, 1)) for a in out.attentions]).mean(0)
-    expected = torch.stack([mass[s:e].sum() for s, e in mixed.unit_slices])
+    owner = sparse_visual_owner(layout, memory.unit_size, memory.compression, mixed.length)
+    per_layer = []
+    for weights in out.attentions:  # (1, heads, question, keys)
+        on_units = torch.stack(
+            [weights[0][:, :, : mixed.length][:, :, owner == u].sum(-1) for u in range(memory.num_units)], -1
+        )
+        per_layer.append(on_units.amax((0, 1)))
+    expected = torch.stack(per_layer).mean(0)
     err = max_error(scores, expected)
-    assert err <= 1e-5, f"scores differ from the hand-computed attention mass by {err:.2e}"
-    assert scores.numel() == memory.num_units and 0 < scores.sum() < 1
+    assert err <= 1e-5, f"scores differ from the hand-computed relevance by {err:.2e}"
+    assert scores.numel() == memory.num_units and ((scores > 0) & (scores < 1)).all()
+    assert torch.equal(visual_key_units(memory, mixed), owner)
 
 
 @pytest.mark.parametrize("rerotate", [True, False])
@@ -263,15 +289,20 @@ def test_choose_units_keeps_first_and_last():
     assert choose_units(scores, 10) == [0, 1, 2, 3, 4, 5]
 
 
-def test_attention_mass_sums_with_question_keys_to_one(case):
+def test_relevance_is_the_mass_on_a_units_keys(case):
+    """One question token, one unit's keys counted: the relevance is that unit's softmax mass, at most 1."""
     model, _, layout, _ = case
     prefill, memory = build_memory(case)
-    mixed = memory.assemble(prefill.runner, (), rerotate=True)
+    mixed = memory.assemble(prefill.runner, (), rerotate=False)
+    owner = visual_key_units(memory, mixed)
+    everything = torch.where(torch.arange(mixed.length) >= layout.video_start, 0, -1)
+    embeds = model.get_input_embeddings()(torch.tensor([5]))
     with torch.inference_mode():
-        mass = attention_mass(prefill.runner, mixed, model.get_input_embeddings()(torch.tensor([5])))
-    # A single question token sees the cache and itself: cache mass is below 1 and positive everywhere.
-    assert mass.shape == (mixed.length,) and (mass > 0).all() and float(mass.sum()) < 1
-    assert torch.allclose(unit_scores(mass, mixed).sum(), mass[layout.video_start :].sum())
+        whole = unit_relevance(prefill.runner, mixed, embeds, everything)
+        split = unit_relevance(prefill.runner, mixed, embeds, owner)
+    # All video keys as one unit: below 1 (the prefix and the token itself take the rest), above any part.
+    assert whole.shape == (1,) and 0 < float(whole) < 1
+    assert split.shape == (memory.num_units,) and float(split.max()) < float(whole)
 
 
 def test_memory_save_load_round_trip(case, tmp_path):

@@ -234,7 +234,7 @@ class VideoSession:
         dense_units, unit_scores = None, None
         if self.settings.mode == "bilevel":
             if units is None:
-                unit_scores = score_units(self.model, memory, question_ids, self.settings.rerotate)
+                unit_scores = score_units(self.model, memory, question_ids)
                 dense_units = choose_units(unit_scores, self.settings.topk)
             else:
                 dense_units = sorted({0, memory.num_units - 1, *units})

@@ -247,7 +247,7 @@ def continuation_logprob(session, context: str, continuation: str) -> tuple[floa
     memory = session.prefill()
     dense_units = None
     if settings.mode == "bilevel":
-        scores = score_units(model, memory, question_ids, settings.rerotate)
+        scores = score_units(model, memory, question_ids)
         dense_units = choose_units(scores, settings.topk)
     cache = memory.assemble(
         session.runner,
