@@ -163,3 +163,27 @@ def test_a_request_over_the_time_limit_gets_504_and_frees_its_slot(setup):
     assert_still_answers(base, root)
     threading.Event().wait(0.2)
     assert service.busy == 0
+
+
+def test_a_client_that_disconnects_frees_its_slot_and_its_job_is_dropped(setup):
+    """The client gives up while its request waits: the server cancels the job (the worker skips it, so
+    the video is never pre-filled) and the slot is free again."""
+    base, root, _, service = setup
+    write_synthetic_video(root / "fresh.mp4", num_frames=16, fps=4.0, seed=9)
+    cached = len(service.cache)
+    release = block_worker(service)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                base + "/v1/chat/completions",
+                json=body(f"file://{root}/fresh.mp4"),
+                headers={"Authorization": f"Bearer {KEY}"},
+                timeout=0.5,
+            )
+        threading.Event().wait(1.0)  # the server notices the closed connection within its 0.5 s poll
+    finally:
+        release.set()
+    threading.Event().wait(0.5)
+    assert service.busy == 0
+    assert len(service.cache) == cached, "the abandoned request's video was pre-filled anyway"
+    assert_still_answers(base, root)

@@ -92,15 +92,9 @@ def create_app(service: VideoChatService) -> FastAPI:
 
     limit = settings.max_upload_bytes * 4 // 3 + 2**20  # base64 of the largest upload, plus the JSON
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            error = ServeError(
-                413, f"request body over the server's {settings.max_upload_bytes // 2**20} MiB upload limit"
-            )
-            return JSONResponse(error.body(), status_code=413)
-        return await call_next(request)
+    # A plain ASGI middleware, not @app.middleware("http"): Starlette's BaseHTTPMiddleware wraps `receive` so
+    # that Request.is_disconnected() never sees the client leave, and abandoned jobs would run to the end.
+    app.add_middleware(BodyLimit, limit=limit, max_upload_bytes=settings.max_upload_bytes)
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
@@ -160,6 +154,24 @@ def create_app(service: VideoChatService) -> FastAPI:
         }
 
     return app
+
+
+class BodyLimit:
+    """413 before reading a body whose declared length is over the limit."""
+
+    def __init__(self, app, limit: int, max_upload_bytes: int):
+        self.app, self.limit, self.max_upload_bytes = app, limit, max_upload_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                error = ServeError(
+                    413, f"request body over the server's {self.max_upload_bytes // 2**20} MiB upload limit"
+                )
+                await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def usage(result: dict) -> dict:

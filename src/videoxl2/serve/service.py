@@ -110,6 +110,8 @@ class VideoChatService:
         except RuntimeError:  # executor shut down
             self._release()
             raise ServeError(503, "server is shutting down") from None
+        # A job given up on (timeout, client gone) still ends in the worker; its outcome is nobody's to read.
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.settings.timeout_s)
         except asyncio.TimeoutError:
