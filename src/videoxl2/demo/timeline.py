@@ -49,10 +49,20 @@ def plot_timeline(
     if truth:
         handles.append(plt.Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.25))
         labels.append("needle (truth)")
-    ax.legend(handles, labels, loc="upper right", fontsize=8, ncols=len(labels))
+    # Above the axes, so it never hides a peak.
+    ax.legend(
+        handles,
+        labels,
+        loc="lower right",
+        bbox_to_anchor=(1, 1),
+        fontsize=8,
+        ncols=len(labels),
+        frameon=False,
+    )
     ax.set_xlabel("video time (s)")
     ax.set_ylabel("relevance")
-    ax.set_title(title, fontsize=9)
+    short = title if len(title) <= 60 else title[:59] + "…"  # the legend shares its line
+    ax.set_title(short, fontsize=9, loc="left")
     if units:
         ax.set_xlim(units[0]["start_seconds"], units[-1]["end_seconds"])
     fig.tight_layout()
