@@ -4,6 +4,7 @@ keeps answering afterwards."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,20 @@ def test_remote_urls_uploads_and_bad_media(setup):
     assert_error(post(base, body("ftp://example.com/v.mp4")), 400, "unsupported url scheme")
     big = base64.b64encode(os.urandom(40_000)).decode()
     assert_error(post(base, body(f"data:video/mp4;base64,{big}")), 413, "limit")
+
+    def chunked():  # no Content-Length: the cap must hold while the body streams in
+        payload = json.dumps(body(f"data:video/mp4;base64,{'A' * 3_000_000}")).encode()
+        for start in range(0, len(payload), 65536):
+            yield payload[start : start + 65536]
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    response = httpx.post(base + "/v1/chat/completions", content=chunked(), headers=headers, timeout=30)
+    assert_error(response, 413, "request body over")  # refused by the stream cap, not after parsing
+    small = json.dumps(body(f"file://{root}/clip.mp4")).encode()
+    response = httpx.post(
+        base + "/v1/chat/completions", content=iter([small[:50], small[50:]]), headers=headers
+    )
+    assert response.status_code == 200, response.text  # a small chunked body is passed on whole
     small = base64.b64encode(os.urandom(1000)).decode()
     assert_error(post(base, body(f"data:image/png;base64,{small}")), 400, "expected data:video")
     assert_error(post(base, body(f"file://{root}/notavideo.mp4")), 422, "notavideo.mp4")

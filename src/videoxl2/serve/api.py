@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .errors import ServeError
+from .media import size_text
 from .schemas import ChatRequest
 from .service import Job, VideoChatService
 
@@ -157,21 +158,44 @@ def create_app(service: VideoChatService) -> FastAPI:
 
 
 class BodyLimit:
-    """413 before reading a body whose declared length is over the limit."""
+    """413 for a request body over the limit, before the app reads it: at once when its declared length is
+    too large, else (chunked upload) as soon as the bytes received pass the limit; the app then gets the body
+    buffered here."""
 
     def __init__(self, app, limit: int, max_upload_bytes: int):
         self.app, self.limit, self.max_upload_bytes = app, limit, max_upload_bytes
 
+    async def refuse(self, scope, receive, send) -> None:
+        error = ServeError(
+            413, f"request body over the server's {size_text(self.max_upload_bytes)} upload limit"
+        )
+        await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
-                error = ServeError(
-                    413, f"request body over the server's {self.max_upload_bytes // 2**20} MiB upload limit"
-                )
-                await JSONResponse(error.body(), status_code=413)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit():
+            if int(length) > self.limit:
+                return await self.refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left while sending
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self.refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def usage(result: dict) -> dict:

@@ -26,6 +26,14 @@ SUFFIXES = {
 }  # fmt: skip
 
 
+def size_text(count: int) -> str:
+    """Bytes as people read them in an error message: 64 MiB, 29.3 KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} bytes"
+
+
 @dataclass
 class MediaPolicy:
     roots: list[Path] = field(default_factory=list)
@@ -71,7 +79,7 @@ def _data_url(url: str, kind: str, policy: MediaPolicy, scratch: Path) -> Path:
     if not header.endswith(";base64") or not mime.startswith(kind + "/"):
         raise ServeError(400, f"{kind}_url: expected data:{kind}/<type>;base64,<data>, got {header[:40]!r}")
     if len(payload) * 3 // 4 > policy.max_upload_bytes:
-        raise ServeError(413, f"upload over the server's {policy.max_upload_bytes // 2**20} MiB limit")
+        raise ServeError(413, f"upload over the server's {size_text(policy.max_upload_bytes)} limit")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
@@ -87,7 +95,7 @@ def _download(url: str, kind: str, policy: MediaPolicy, scratch: Path) -> Path:
     except OSError as err:
         raise ServeError(400, f"{kind}_url: could not download {url}: {err}") from err
     if len(data) > policy.max_upload_bytes:
-        raise ServeError(413, f"{url}: over the server's {policy.max_upload_bytes // 2**20} MiB limit")
+        raise ServeError(413, f"{url}: over the server's {size_text(policy.max_upload_bytes)} limit")
     return _write(scratch, data, suffix)
 
 
