@@ -55,8 +55,9 @@ def test_questions_have_exact_answers():
     assert found["order"].answer == "red square"
     choice = found["choice"]
     options = choice.extra["options"]
-    assert len(set(options)) == 4 and options["ABCD".index(choice.answer)] == "red square"
-    assert f"({choice.answer}) red square" in choice.question
+    letter = choice.answer.removeprefix("red square (").removesuffix(")")
+    assert choice.answer == f"red square ({letter})" and options["ABCD".index(letter)] == "red square"
+    assert f"({letter}) red square" in choice.question
 
 
 def test_random_specs_are_deterministic_and_on_group_boundaries():
@@ -118,7 +119,8 @@ def test_option_matching_drills_point_at_the_named_option():
     for record in records:
         question, answer = (t["value"] for t in record["conversations"])
         named = question.split("was a ")[1].split(".")[0]
-        assert f"({answer}) {named}\n" in question
+        letter = answer.removeprefix(f"{named} (").removesuffix(")")
+        assert answer == f"{named} ({letter})" and f"({letter}) {named}\n" in question
         assert "video" not in record
-        letters.add(answer)
+        letters.add(letter)
     assert letters == set("ABCD")

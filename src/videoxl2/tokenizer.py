@@ -3,6 +3,11 @@
 The released model uses Qwen2.5's tokenizer from its checkpoint folder. Tiny models (tests, benchmarks,
 the bundled demo model) need one that is built here, offline, in milliseconds, and that round-trips any
 text (byte level), so the same prompt code runs unchanged on both.
+
+Like Qwen2's, it splits text into words and single digits before BPE: a number is then the same digit
+tokens wherever it appears ("Time 56.0s:" in the prompt, "56.0s" in an answer), so a small model answers
+"when" by copying tokens instead of learning a map from ' 56' to '5','6'; and the merges go to words, so a
+colour or shape name is one token, not three.
 """
 
 from __future__ import annotations
@@ -22,15 +27,28 @@ _BASE_CORPUS = [
     "Answer with the option's letter from the given choices directly. Best option: (A) (B) (C) (D) (E)",
     "The answer is red green blue yellow cyan magenta white black orange purple square circle triangle.",
     "first second third before after seconds minutes start end from to 0 1 2 3 4 5 6 7 8 9 .",
+    "What was the first shape shown in the video? When did the red square appear? How many times did a",
+    "green circle, blue triangle, yellow cross, magenta square, cyan circle? Which came first, the or the",
+    "Answer with the shape, then its option's letter. The first shape shown was a Which option is it?",
 ]
+# Qwen2's pre-tokenizer pattern: letters with one leading non-letter, single digits, punctuation runs, spaces.
+_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def build_tiny_tokenizer(extra_corpus: Iterable[str] = (), vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on a fixed built-in corpus (+ `extra_corpus`); deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -32,7 +32,14 @@ COLOURS = {
 SHAPES = ("square", "circle", "triangle", "cross")
 GROUP = 4  # frames per group: a needle fills exactly one
 FAMILIES = ("what", "choice", "when", "count", "order")
-CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
+# Multiple choice is answered "green square (A)": the shape first, then its letter. A model this small names
+# what it saw (the open question) far more easily than it maps a seen shape straight to a letter; with the
+# name written out, the letter is a look-up among the options, which the text-only drills teach cheaply.
+CHOICE_SUFFIX = "Answer with the shape, then its option's letter."
+
+
+def choice_answer(name: str, letter: str) -> str:
+    return f"{name} ({letter})"
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,8 @@ def questions(spec: VideoSpec, rng: np.random.Generator) -> list[Question]:
     letters = "ABCD"
     listing = "\n".join(f"({letter}) {name}" for letter, name in zip(letters, options))
     choice = f"What was the first shape shown in the video?\n{listing}\n{CHOICE_SUFFIX}"
-    out.append(Question("choice", choice, letters[options.index(first.name)], {"options": list(options)}))
+    letter = letters[options.index(first.name)]
+    out.append(Question("choice", choice, choice_answer(first.name, letter), {"options": list(options)}))
     out.append(Question("when", f"When did the {first.name} appear?", f"{spec.seconds(first.start_frame)}s"))
     colour = first.colour
     count = sum(n.colour == colour for n in spec.needles)
@@ -177,7 +185,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def option_matching_records(count: int, seed: int) -> list[dict]:
-    """Text-only multiple-choice drills: a needle is named and the answer is its option letter.
+    """Text-only multiple-choice drills: a needle is named and the answer is it with its option letter.
 
     A model trained from scratch must learn to find its answer among the options and copy the letter before
     it; video questions alone teach that slowly (every one costs a video), these teach it for the price of a
@@ -199,7 +207,7 @@ def option_matching_records(count: int, seed: int) -> list[dict]:
                 "family": "match",
                 "conversations": [
                     {"from": "human", "value": question},
-                    {"from": "gpt", "value": "ABCD"[answer]},
+                    {"from": "gpt", "value": choice_answer(options[answer], "ABCD"[answer])},
                 ],
             }
         )
