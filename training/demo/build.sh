@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the bundled demo model from nothing: data, three training stages, bundle, held-out evaluation.
-# About 50 minutes on 2 CPU cores. Run from anywhere; everything is written under training/demo/work/.
+# 50-77 minutes on 2 CPU cores, depending on the machine (see the model card). Run from anywhere;
+# everything is written under training/demo/work/.
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p work
