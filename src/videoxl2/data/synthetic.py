@@ -34,7 +34,8 @@ GROUP = 4  # frames per group: a needle fills exactly one
 FAMILIES = ("what", "choice", "when", "count", "order")
 # Multiple choice is answered "green square (A)": the shape first, then its letter. A model this small names
 # what it saw (the open question) far more easily than it maps a seen shape straight to a letter; with the
-# name written out, the letter is a look-up among the options, which the text-only drills teach cheaply.
+# name written out, the letter is a text look-up among the options, the skill the text-only drills train
+# (the demo model has not learned it yet: see its model card).
 CHOICE_SUFFIX = "Answer with the shape, then its option's letter."
 
 
