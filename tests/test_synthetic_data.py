@@ -57,7 +57,8 @@ def test_questions_have_exact_answers():
     options = choice.extra["options"]
     letter = choice.answer.removeprefix("red square (").removesuffix(")")
     assert choice.answer == f"red square ({letter})" and options["ABCD".index(letter)] == "red square"
-    assert f"({letter}) red square" in choice.question
+    assert f"\nred square ({letter})\n" in choice.question  # the answer repeats its option line
+    assert_distinct(options)
 
 
 def test_random_specs_are_deterministic_and_on_group_boundaries():
@@ -112,6 +113,24 @@ def test_multi_turn_conversations_ask_every_family_once(tmp_path):
         assert len(asked) in (4, 5) and len(set(asked)) == len(asked)
 
 
+def assert_distinct(options):
+    """Four options, each with its own colour and its own shape."""
+    words = [option.split(" (")[0].split() for option in options]
+    assert len(words) == 4 and all(len(w) == 2 for w in words), options
+    assert len({c for c, _ in words}) == 4 and len({s for _, s in words}) == 4, options
+
+
+def test_repeat_colour_gives_counting_practice():
+    def repeated(p):
+        rng = np.random.default_rng(5)
+        specs = [random_spec(rng, 64, max_needles=3, repeat_colour=p) for _ in range(300)]
+        return np.mean([sum(n.colour == s.needles[0].colour for n in s.needles) >= 2 for s in specs])
+
+    assert repeated(0.0) < 0.25 < 0.5 < repeated(1.0) and repeated(1.0) > repeated(0.5) > repeated(0.0)
+    with pytest.raises(InputError, match="repeat_colour must be in"):
+        random_spec(np.random.default_rng(0), 64, repeat_colour=1.5)
+
+
 def test_option_matching_drills_point_at_the_named_option():
     records = option_matching_records(50, seed=3)
     assert option_matching_records(50, seed=3) == records
@@ -120,7 +139,8 @@ def test_option_matching_drills_point_at_the_named_option():
         question, answer = (t["value"] for t in record["conversations"])
         named = question.split("was a ")[1].split(".")[0]
         letter = answer.removeprefix(f"{named} (").removesuffix(")")
-        assert answer == f"{named} ({letter})" and f"({letter}) {named}\n" in question
+        assert answer == f"{named} ({letter})" and f"\n{named} ({letter})\n" in question
+        assert_distinct(question.split("\n")[1:5])
         assert "video" not in record
         letters.add(letter)
     assert letters == set("ABCD")

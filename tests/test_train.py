@@ -248,6 +248,34 @@ def test_truncation_never_cuts_the_video(tmp_path, media):
         dataset[0]
 
 
+def test_lengths_come_without_decoding_and_feed_the_length_grouped_sampler(tmp_path, media):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from videoxl2.train.trainer import part_trainer_class, training_arguments
+
+    records = [
+        {"id": "still", "image": str(media / "still.png"), "conversations": qa("<image>\nColour?", "Grey.")},
+        {"id": "text", "conversations": qa("Say hello.", "Hello there, a longer answer than the others.")},
+    ]
+    (tmp_path / "mixed.json").write_text(json.dumps(records))
+    path = write_config(tmp_path, media, train_sampling_strategy="group_by_length")
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["datasets"].append({"json_path": str(tmp_path / "mixed.json"), "sampling_strategy": "all"})
+    path.write_text(yaml.safe_dump(raw))
+    dataset, model = dataset_for(path)
+    lengths = dataset.lengths()
+    assert lengths == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    assert len(set(lengths)) >= 3  # videos, the still and the text differ
+
+    config = load_config(path)
+    trainer = part_trainer_class()(
+        model=model, args=training_arguments(config, True), train_dataset=dataset, data_collator=Collator(0)
+    )
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == lengths
+    assert sorted(sampler) == list(range(len(dataset)))
+
+
 def parameters(model):
     return {name: p.detach().clone() for name, p in model.state_dict().items()}
 

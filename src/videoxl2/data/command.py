@@ -17,6 +17,12 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--matching", type=int, default=0, help="add this many text-only option-matching drills"
     )
+    parser.add_argument(
+        "--repeat-colour",
+        type=float,
+        default=0.0,
+        help="chance (0-1) that each later needle repeats the first one's colour: more counting practice",
+    )
 
 
 def run(args) -> int:
@@ -31,6 +37,7 @@ def run(args) -> int:
         args.split,
         args.multi_turn,
         args.matching,
+        args.repeat_colour,
     )
     print(f"wrote {args.videos} videos, {args.matching} matching drills and {path}")
     return 0

@@ -32,15 +32,31 @@ COLOURS = {
 SHAPES = ("square", "circle", "triangle", "cross")
 GROUP = 4  # frames per group: a needle fills exactly one
 FAMILIES = ("what", "choice", "when", "count", "order")
-# Multiple choice is answered "green square (A)": the shape first, then its letter. A model this small names
-# what it saw (the open question) far more easily than it maps a seen shape straight to a letter; with the
-# name written out, the letter is a text look-up among the options, the skill the text-only drills train
-# (the demo model has not learned it yet: see its model card).
+# Multiple choice lists its options as "green square (A)" and is answered with one option line verbatim: the
+# shape first, then its letter. A model this small names what it saw (the open question) far more easily than
+# it maps a seen shape straight to a letter; with the name written out and the letter right after the same
+# name in the listing, the letter is a copy of the token that followed it there (what an induction head
+# does), the skill the text-only drills train. Listed as "(A) green square", the letter comes *before* the
+# name it belongs to and the look-up is much harder to learn (tried: see the demo model's card).
 CHOICE_SUFFIX = "Answer with the shape, then its option's letter."
 
 
 def choice_answer(name: str, letter: str) -> str:
     return f"{name} ({letter})"
+
+
+def distinct_options(rng: np.random.Generator, answer: tuple[str, str]) -> list[str]:
+    """Four shuffled option names: `answer` (colour, shape) and three distractors, every option with its own
+    colour and its own shape, so either word alone tells the options apart (a one-word look-up)."""
+    colour, shape = answer
+    colours = [str(c) for c in rng.permutation([c for c in COLOURS if c != colour])[:3]]
+    shapes = [str(s) for s in rng.permutation([s for s in SHAPES if s != shape])]
+    options = [f"{colour} {shape}", *(f"{c} {s}" for c, s in zip(colours, shapes))]
+    return [options[i] for i in rng.permutation(4)]
+
+
+def option_listing(options) -> str:
+    return "\n".join(choice_answer(name, letter) for letter, name in zip("ABCD", options))
 
 
 @dataclass(frozen=True)
@@ -118,18 +134,31 @@ def write_video(spec: VideoSpec, path) -> Path:
 
 
 def random_spec(
-    rng: np.random.Generator, num_frames: int, fps: float = 1.0, max_needles: int = 3
+    rng: np.random.Generator,
+    num_frames: int,
+    fps: float = 1.0,
+    max_needles: int = 3,
+    repeat_colour: float = 0.0,
 ) -> VideoSpec:
-    """A video with 1..max_needles needles in distinct groups (colour/shape drawn at random)."""
+    """A video with 1..max_needles needles in distinct groups (colour/shape drawn at random).
+
+    `repeat_colour` is the chance that each later needle takes the first one's colour: drawn freely, two
+    needles share a colour in about one video in six, too rare to learn counting from.
+    """
+    if not 0 <= repeat_colour <= 1:
+        raise InputError(f"repeat_colour must be in [0, 1], got {repeat_colour}")
     groups = num_frames // GROUP
     if groups < 1:
         raise InputError(f"a synthetic video needs at least {GROUP} frames, got {num_frames}")
     count = int(rng.integers(1, min(max_needles, groups) + 1))
     starts = sorted(int(g) * GROUP for g in rng.choice(groups, size=count, replace=False))
-    needles = tuple(
-        Needle(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), start) for start in starts
-    )
-    return VideoSpec(num_frames, fps, int(rng.integers(0, 2**31)), needles)
+    needles = [Needle(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), start) for start in starts]
+    if repeat_colour:
+        needles[1:] = [
+            Needle(needles[0].colour, n.shape, n.start_frame) if rng.random() < repeat_colour else n
+            for n in needles[1:]
+        ]
+    return VideoSpec(num_frames, fps, int(rng.integers(0, 2**31)), tuple(needles))
 
 
 def needle_haystack_spec(
@@ -158,13 +187,9 @@ def questions(spec: VideoSpec, rng: np.random.Generator) -> list[Question]:
     """One question per applicable family, with exact answers derived from the spec."""
     first = spec.needles[0]
     out = [Question("what", "What was the first shape shown in the video?", first.name)]
-    names = sorted({f"{c} {s}" for c in COLOURS for s in SHAPES} - {first.name})
-    options = [first.name, *(str(name) for name in rng.choice(names, size=3, replace=False))]
-    rng.shuffle(options)
-    letters = "ABCD"
-    listing = "\n".join(f"({letter}) {name}" for letter, name in zip(letters, options))
-    choice = f"What was the first shape shown in the video?\n{listing}\n{CHOICE_SUFFIX}"
-    letter = letters[options.index(first.name)]
+    options = distinct_options(rng, (first.colour, first.shape))
+    choice = f"What was the first shape shown in the video?\n{option_listing(options)}\n{CHOICE_SUFFIX}"
+    letter = "ABCD"[options.index(first.name)]
     out.append(Question("choice", choice, choice_answer(first.name, letter), {"options": list(options)}))
     out.append(Question("when", f"When did the {first.name} appear?", f"{spec.seconds(first.start_frame)}s"))
     colour = first.colour
@@ -193,14 +218,13 @@ def option_matching_records(count: int, seed: int) -> list[dict]:
     few dozen tokens each.
     """
     rng = np.random.default_rng(seed)
-    names = sorted(f"{c} {s}" for c in COLOURS for s in SHAPES)
     records = []
     for index in range(count):
-        options = [str(n) for n in rng.choice(names, size=4, replace=False)]
+        options = distinct_options(rng, (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))))
         answer = int(rng.integers(4))
-        listing = "\n".join(f"({letter}) {name}" for letter, name in zip("ABCD", options))
         question = (
-            f"The first shape shown was a {options[answer]}. Which option is it?\n{listing}\n{CHOICE_SUFFIX}"
+            f"The first shape shown was a {options[answer]}. Which option is it?\n"
+            f"{option_listing(options)}\n{CHOICE_SUFFIX}"
         )
         records.append(
             {
@@ -224,12 +248,14 @@ def make_dataset(
     split: str = "train",
     multi_turn: bool = False,
     matching: int = 0,
+    repeat_colour: float = 0.0,
 ) -> Path:
     """Write `num_videos` videos and `<split>.json` (LLaVA format) + `data.yaml`.
 
     One entry per question, or with `multi_turn` one conversation per video asking every question in a random
     order: the video is encoded once for all its answers, which makes CPU training about 4x cheaper.
-    `matching` adds that many text-only option-matching drills (`option_matching_records`).
+    `matching` adds that many text-only option-matching drills (`option_matching_records`); `repeat_colour`
+    goes to `random_spec`.
     """
     if num_videos < 0 or matching < 0 or num_videos + matching < 1:
         raise InputError(f"nothing to write: --videos {num_videos}, --matching {matching}")
@@ -241,7 +267,8 @@ def make_dataset(
     rng = np.random.default_rng(seed)
     records = []
     for index in range(num_videos):
-        spec = random_spec(rng, int(rng.integers(low // GROUP, high // GROUP + 1)) * GROUP, fps)
+        frames = int(rng.integers(low // GROUP, high // GROUP + 1)) * GROUP
+        spec = random_spec(rng, frames, fps, repeat_colour=repeat_colour)
         name = f"videos/{split}_{seed}_{index:05d}.mp4"
         write_video(spec, out / name)
         asked = questions(spec, rng)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError, MediaNotFoundError
 from ..prompt import IMAGE_MARKER, build_layout, build_prompt
@@ -234,6 +235,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def plan(self, sample: Sample):
+        """The frames a video sample will use (read from the container's header, nothing decoded)."""
+        s = self.settings
+        info = probe_video(sample.video)
+        return plan_sampling(info.num_frames, info.avg_fps, s.frames_upbound, s.video_fps, s.fps_upbound)
+
+    def group_seconds(self, sample: Sample, plan) -> list[float]:
+        return [t * sample.scale for t in plan.timestamps[:: self.config.frames_per_group]]
+
     def frames(self, sample: Sample) -> tuple[torch.Tensor | None, list[float] | None]:
         """Preprocessed frames and group start times; a still image is one frame at 0 s (padded to 4)."""
         size = self.config.vision_config.image_size
@@ -241,13 +251,27 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return preprocess_frames(expand_to_square(load_image(sample.image))[None], image_size=size), [0.0]
         if sample.video is None:
             return None, None
-        s = self.settings
-        info = probe_video(sample.video)
-        plan = plan_sampling(info.num_frames, info.avg_fps, s.frames_upbound, s.video_fps, s.fps_upbound)
+        plan = self.plan(sample)
         # Preprocess batch by batch: raw frames of a long high-resolution video would not fit in memory.
         batches = iter_frame_batches(sample.video, plan.indices)
         pixels = torch.cat([preprocess_frames(batch, image_size=size) for batch in batches])
-        return pixels, [t * sample.scale for t in plan.timestamps[:: self.config.frames_per_group]]
+        return pixels, self.group_seconds(sample, plan)
+
+    def lengths(self) -> list[int]:
+        """Every sample's token count, without decoding a frame: what `group_by_length` sorts batches by, so
+        a batch of short videos is not padded to a long one's length (padding is most of the LLM's work
+        when lengths vary 12x, as in the demo model's data)."""
+        out = []
+        for sample in tqdm(self.samples, desc="sample lengths", unit="sample", leave=False):
+            if sample.image is not None:
+                seconds = [0.0]
+            elif sample.video is not None:
+                seconds = self.group_seconds(sample, self.plan(sample))
+            else:
+                seconds = None
+            ids = encode_sample(self.tokenizer, sample.turns, seconds, self.config)[0]
+            out.append(min(len(ids), self.settings.model_max_length))
+        return out
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]

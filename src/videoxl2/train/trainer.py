@@ -127,6 +127,17 @@ def part_trainer_class():
             self.part_rates = dict(part_rates or {})
             super().__init__(*args, **kwargs)
 
+        def _get_train_sampler(self, train_dataset=None):
+            # `train_sampling_strategy: group_by_length` would make the stock sampler decode every video to
+            # measure it; our dataset gives the lengths from the containers' headers instead.
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+                from transformers.trainer_pt_utils import LengthGroupedSampler
+
+                size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+                return LengthGroupedSampler(size, lengths=dataset.lengths())
+            return super()._get_train_sampler(train_dataset)
+
         def create_optimizer(self, model=None):
             if self.optimizer is not None or not self.part_rates:
                 return super().create_optimizer(model)
