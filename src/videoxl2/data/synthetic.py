@@ -46,12 +46,12 @@ def choice_answer(name: str, letter: str) -> str:
 
 
 def distinct_options(rng: np.random.Generator, answer: tuple[str, str]) -> list[str]:
-    """Four shuffled option names: `answer` (colour, shape) and three distractors, every option with its own
-    colour and its own shape, so either word alone tells the options apart (a one-word look-up)."""
+    """Four shuffled option names: `answer` (colour, shape) and three distractors, each option with its own
+    shape (the look-up is one word) and a free colour (so the shape has to be seen: with distinct colours too,
+    a model reading only the colour picked the right option, and never learned shapes)."""
     colour, shape = answer
-    colours = [str(c) for c in rng.permutation([c for c in COLOURS if c != colour])[:3]]
     shapes = [str(s) for s in rng.permutation([s for s in SHAPES if s != shape])]
-    options = [f"{colour} {shape}", *(f"{c} {s}" for c, s in zip(colours, shapes))]
+    options = [f"{colour} {shape}", *(f"{rng.choice(list(COLOURS))} {s}" for s in shapes)]
     return [options[i] for i in rng.permutation(4)]
 
 
@@ -273,7 +273,12 @@ def make_dataset(
         write_video(spec, out / name)
         asked = questions(spec, rng)
         if multi_turn:
-            order = rng.permutation(len(asked))
+            # Open with "what" or "choice" (the first two), the rest in random order: later questions name the
+            # needle ("When did the red square appear?"), and a model that could copy the name from them
+            # skipped learning shapes.
+            first = int(rng.integers(2))
+            rest = [i for i in range(len(asked)) if i != first]
+            order = [first, *(rest[j] for j in rng.permutation(len(rest)))]
             turns = []
             for position, q in enumerate(asked[i] for i in order):
                 prefix = "<image>\n" if position == 0 else ""
