@@ -30,8 +30,6 @@ _BASE_CORPUS = [
     "What was the first shape shown in the video? When did the red square appear? How many times did a",
     "green circle, blue triangle, yellow cross, magenta square, cyan circle? Which came first, the or the",
     "Answer with the shape, then its option's letter. The first shape shown was a Which option is it?",
-    # The same names at the start of a line or answer (no leading space), one token each there too.
-    "red\ngreen\nblue\nyellow\nmagenta\ncyan\nsquare\ncircle\ntriangle\ncross\n",
 ]
 # Qwen2's pre-tokenizer pattern: letters with one leading non-letter, single digits, punctuation runs, spaces.
 _SPLIT = (

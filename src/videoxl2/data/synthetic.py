@@ -32,31 +32,15 @@ COLOURS = {
 SHAPES = ("square", "circle", "triangle", "cross")
 GROUP = 4  # frames per group: a needle fills exactly one
 FAMILIES = ("what", "choice", "when", "count", "order")
-# Multiple choice lists its options as "green square (A)" and is answered with one option line verbatim: the
-# shape first, then its letter. A model this small names what it saw (the open question) far more easily than
-# it maps a seen shape straight to a letter; with the name written out and the letter right after the same
-# name in the listing, the letter is a copy of the token that followed it there (what an induction head
-# does), the skill the text-only drills train. Listed as "(A) green square", the letter comes *before* the
-# name it belongs to and the look-up is much harder to learn (tried: see the demo model's card).
+# Multiple choice is answered "green square (A)": the shape first, then its letter. A model this small names
+# what it saw (the open question) far more easily than it maps a seen shape straight to a letter; with the
+# name written out, the letter is a text look-up among the options, the skill the text-only drills train
+# (the demo model has not learned it yet: see its model card).
 CHOICE_SUFFIX = "Answer with the shape, then its option's letter."
 
 
 def choice_answer(name: str, letter: str) -> str:
     return f"{name} ({letter})"
-
-
-def distinct_options(rng: np.random.Generator, answer: tuple[str, str]) -> list[str]:
-    """Four shuffled option names: `answer` (colour, shape) and three distractors, each option with its own
-    shape (the look-up is one word) and a free colour (so the shape has to be seen: with distinct colours too,
-    a model reading only the colour picked the right option, and never learned shapes)."""
-    colour, shape = answer
-    shapes = [str(s) for s in rng.permutation([s for s in SHAPES if s != shape])]
-    options = [f"{colour} {shape}", *(f"{rng.choice(list(COLOURS))} {s}" for s in shapes)]
-    return [options[i] for i in rng.permutation(4)]
-
-
-def option_listing(options) -> str:
-    return "\n".join(choice_answer(name, letter) for letter, name in zip("ABCD", options))
 
 
 @dataclass(frozen=True)
@@ -187,9 +171,13 @@ def questions(spec: VideoSpec, rng: np.random.Generator) -> list[Question]:
     """One question per applicable family, with exact answers derived from the spec."""
     first = spec.needles[0]
     out = [Question("what", "What was the first shape shown in the video?", first.name)]
-    options = distinct_options(rng, (first.colour, first.shape))
-    choice = f"What was the first shape shown in the video?\n{option_listing(options)}\n{CHOICE_SUFFIX}"
-    letter = "ABCD"[options.index(first.name)]
+    names = sorted({f"{c} {s}" for c in COLOURS for s in SHAPES} - {first.name})
+    options = [first.name, *(str(name) for name in rng.choice(names, size=3, replace=False))]
+    rng.shuffle(options)
+    letters = "ABCD"
+    listing = "\n".join(f"({letter}) {name}" for letter, name in zip(letters, options))
+    choice = f"What was the first shape shown in the video?\n{listing}\n{CHOICE_SUFFIX}"
+    letter = letters[options.index(first.name)]
     out.append(Question("choice", choice, choice_answer(first.name, letter), {"options": list(options)}))
     out.append(Question("when", f"When did the {first.name} appear?", f"{spec.seconds(first.start_frame)}s"))
     colour = first.colour
@@ -218,13 +206,14 @@ def option_matching_records(count: int, seed: int) -> list[dict]:
     few dozen tokens each.
     """
     rng = np.random.default_rng(seed)
+    names = sorted(f"{c} {s}" for c in COLOURS for s in SHAPES)
     records = []
     for index in range(count):
-        options = distinct_options(rng, (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))))
+        options = [str(n) for n in rng.choice(names, size=4, replace=False)]
         answer = int(rng.integers(4))
+        listing = "\n".join(f"({letter}) {name}" for letter, name in zip("ABCD", options))
         question = (
-            f"The first shape shown was a {options[answer]}. Which option is it?\n"
-            f"{option_listing(options)}\n{CHOICE_SUFFIX}"
+            f"The first shape shown was a {options[answer]}. Which option is it?\n{listing}\n{CHOICE_SUFFIX}"
         )
         records.append(
             {
@@ -273,12 +262,7 @@ def make_dataset(
         write_video(spec, out / name)
         asked = questions(spec, rng)
         if multi_turn:
-            # Open with "what" or "choice" (the first two), the rest in random order: later questions name the
-            # needle ("When did the red square appear?"), and a model that could copy the name from them
-            # skipped learning shapes.
-            first = int(rng.integers(2))
-            rest = [i for i in range(len(asked)) if i != first]
-            order = [first, *(rest[j] for j in rng.permutation(len(rest)))]
+            order = rng.permutation(len(asked))
             turns = []
             for position, q in enumerate(asked[i] for i in order):
                 prefix = "<image>\n" if position == 0 else ""
