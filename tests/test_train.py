@@ -255,7 +255,7 @@ def test_lengths_come_without_decoding_and_feed_the_length_grouped_sampler(tmp_p
 
     records = [
         {"id": "still", "image": str(media / "still.png"), "conversations": qa("<image>\nColour?", "Grey.")},
-        {"id": "text", "conversations": qa("Say hello.", "Hello there, a longer answer than the others.")},
+        {"id": "text", "conversations": qa("Say hello.", "Hello there! " * 12)},
     ]
     (tmp_path / "mixed.json").write_text(json.dumps(records))
     path = write_config(tmp_path, media, train_sampling_strategy="group_by_length")
