@@ -276,6 +276,52 @@ def test_lengths_come_without_decoding_and_feed_the_length_grouped_sampler(tmp_p
     assert sorted(sampler) == list(range(len(dataset)))
 
 
+def test_batch_rebalance_gives_the_random_batch_update_with_less_padding(tmp_path, media):
+    """`batch_rebalance` splits each step's random samples into micro-batches by length: the same update
+    as one padded batch of them (loss over the step's answer tokens), on fewer padded tokens."""
+    from videoxl2.train.trainer import part_trainer_class, training_arguments
+
+    records = [
+        {"id": "still", "image": str(media / "still.png"), "conversations": qa("<image>\nColour?", "Grey.")},
+        {"id": "text", "conversations": qa("Say hello.", "Hello there! " * 12)},
+        {"id": "short", "conversations": qa("Yes?", "No.")},
+    ]
+    (tmp_path / "mixed.json").write_text(json.dumps(records))
+    runs = {}
+    for name, (batch, accumulation) in {"one": (6, 1), "split": (2, 3)}.items():
+        path = write_config(tmp_path / name, media, train_sampling_strategy="batch_rebalance", optim="sgd",
+                            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                            max_steps=3, learning_rate=0.5, logging_steps=1)
+        raw = yaml.safe_load(path.read_text())
+        mixed = {"json_path": str(tmp_path / "mixed.json"), "sampling_strategy": "all"}
+        raw["data"]["datasets"].append(mixed)
+        raw["training"]["output_dir"] = str(tmp_path / name / "out")
+        path.write_text(yaml.safe_dump(raw))
+        config = load_config(path)
+        dataset, model = dataset_for(path)
+        args = training_arguments(config, True)
+        trainer = part_trainer_class()(
+            model=model, args=args, train_dataset=dataset, data_collator=Collator(0)
+        )
+        micro = list(trainer._get_train_sampler())
+        lengths = dataset.lengths()
+        padded = sum(len(m) * max(lengths[i] for i in m) for m in micro)
+        result = train(config)
+        runs[name] = micro, padded, result.losses, parameters(result.model)
+
+    (one, one_padded, one_losses, one_weights), (split, split_padded, split_losses, split_weights) = (
+        runs["one"], runs["split"])
+    assert [sorted(m) for m in one] == [sorted(sum(split[k : k + 3], [])) for k in range(0, len(split), 3)]
+    assert split_padded < one_padded, (split_padded, one_padded)
+    assert np.allclose(one_losses, split_losses, atol=1e-5), (one_losses, split_losses)
+    error = max((one_weights[n] - split_weights[n]).abs().max().item() for n in one_weights)
+    from videoxl2.tiny import build_tiny_model
+
+    start = parameters(build_tiny_model(seed=0, init_std=None)[0])
+    moved = max((one_weights[n] - start[n]).abs().max().item() for n in one_weights)
+    assert error < 1e-5 and moved > 1e-2, f"max abs weight difference {error:.2e} (weights moved {moved:.2e})"
+
+
 def parameters(model):
     return {name: p.detach().clone() for name, p in model.state_dict().items()}
 

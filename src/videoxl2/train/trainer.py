@@ -128,15 +128,31 @@ def part_trainer_class():
             super().__init__(*args, **kwargs)
 
         def _get_train_sampler(self, train_dataset=None):
-            # `train_sampling_strategy: group_by_length` would make the stock sampler decode every video to
-            # measure it; our dataset gives the lengths from the containers' headers instead.
+            # The stock length-aware samplers would decode every video to measure it; our dataset gives the
+            # lengths from the containers' headers instead.
             dataset = self.train_dataset if train_dataset is None else train_dataset
-            if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-                from transformers.trainer_pt_utils import LengthGroupedSampler
+            strategy = self.args.train_sampling_strategy
+            if strategy not in ("group_by_length", "batch_rebalance") or not hasattr(dataset, "lengths"):
+                return super()._get_train_sampler(train_dataset)
+            from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 
-                size = self.args.train_batch_size * self.args.gradient_accumulation_steps
-                return LengthGroupedSampler(size, lengths=dataset.lengths())
-            return super()._get_train_sampler(train_dataset)
+            args = self.args
+            if strategy == "group_by_length":
+                return LengthGroupedSampler(args.train_batch_size * args.gradient_accumulation_steps,
+                                            lengths=dataset.lengths())
+            # Each optimizer step still draws a uniform random set of samples; only its split into
+            # micro-batches follows length. With the loss summed over the step's answer tokens
+            # (`num_items_in_batch`) the update is the one random batches give, with less padding.
+            world = max(1, args.world_size)
+            return BatchRebalanceSampler(
+                lengths=dataset.lengths(),
+                effective_batch_size=args.train_batch_size * args.gradient_accumulation_steps * world,
+                dp_size=world,
+                grad_accum=args.gradient_accumulation_steps,
+                seed=args.data_seed if args.data_seed is not None else args.seed,
+                rank=args.process_index if world > 1 else 0,
+                drop_last=args.dataloader_drop_last,
+            )
 
         def create_optimizer(self, model=None):
             if self.optimizer is not None or not self.part_rates:
