@@ -279,6 +279,7 @@ def test_lengths_come_without_decoding_and_feed_the_length_grouped_sampler(tmp_p
 def test_batch_rebalance_gives_the_random_batch_update_with_less_padding(tmp_path, media):
     """`batch_rebalance` splits each step's random samples into micro-batches by length: the same update
     as one padded batch of them (loss over the step's answer tokens), on fewer padded tokens."""
+    from videoxl2.tiny import build_tiny_model
     from videoxl2.train.trainer import part_trainer_class, training_arguments
 
     records = [
@@ -315,8 +316,6 @@ def test_batch_rebalance_gives_the_random_batch_update_with_less_padding(tmp_pat
     assert split_padded < one_padded, (split_padded, one_padded)
     assert np.allclose(one_losses, split_losses, atol=1e-5), (one_losses, split_losses)
     error = max((one_weights[n] - split_weights[n]).abs().max().item() for n in one_weights)
-    from videoxl2.tiny import build_tiny_model
-
     start = parameters(build_tiny_model(seed=0, init_std=None)[0])
     moved = max((one_weights[n] - start[n]).abs().max().item() for n in one_weights)
     assert error < 1e-5 and moved > 1e-2, f"max abs weight difference {error:.2e} (weights moved {moved:.2e})"
