@@ -321,6 +321,65 @@ def test_batch_rebalance_gives_the_random_batch_update_with_less_padding(tmp_pat
     assert error < 1e-5 and moved > 1e-2, f"max abs weight difference {error:.2e} (weights moved {moved:.2e})"
 
 
+def test_feature_cache_gives_the_same_training_and_skips_decoding(tmp_path, media, monkeypatch):
+    """With vision and DTS frozen, stored features give the losses and weights of computing them each time;
+    a second run on a warm store decodes no video at all."""
+    import videoxl2.train.data as data_module
+
+    still = [{"id": "still", "image": str(media / "still.png"),
+              "conversations": qa("<image>\nColour?", "Grey.")}]
+    (tmp_path / "still.json").write_text(json.dumps(still))
+    frozen = {"vision": False, "dts": False, "projector": True, "llm": True}
+    runs = {}
+    for name, cache in (("plain", False), ("cold", True), ("warm", True)):
+        path = write_config(tmp_path / name, media, trainable=frozen, max_steps=3, logging_steps=1,
+                            per_device_train_batch_size=2)
+        raw = yaml.safe_load(path.read_text())
+        still_data = {"json_path": str(tmp_path / "still.json"), "sampling_strategy": "all"}
+        raw["data"]["datasets"].append(still_data)
+        if cache:
+            raw["feature_cache"] = str(tmp_path / "store")
+        path.write_text(yaml.safe_dump(raw))
+        if name == "warm":
+            def no_decoding(*args, **kwargs):
+                raise AssertionError("a stored video was decoded again")
+
+            monkeypatch.setattr(data_module, "iter_frame_batches", no_decoding)
+            monkeypatch.setattr(data_module, "load_image", no_decoding)
+        result = train(load_config(path))
+        runs[name] = result.losses, parameters(result.model)
+
+    stored = list((tmp_path / "store").glob("*/*.safetensors"))
+    assert len(stored) == 4, stored  # 3 videos and the still image, one entry each
+    plain_losses, plain_weights = runs["plain"]
+    for name in ("cold", "warm"):
+        losses, weights = runs[name]
+        error = max((weights[n] - plain_weights[n]).abs().max().item() for n in weights)
+        assert np.allclose(losses, plain_losses, atol=1e-6, rtol=0), (name, losses, plain_losses)
+        assert error < 1e-6, f"{name}: max abs weight difference {error:.2e} against computing features"
+
+
+def test_feature_cache_is_keyed_by_the_frozen_weights_and_needs_them_frozen(tmp_path, media):
+    from videoxl2.tiny import build_tiny_model
+    from videoxl2.train.features import frozen_fingerprint
+
+    first, second = build_tiny_model(seed=0)[0], build_tiny_model(seed=1)[0]
+    assert frozen_fingerprint(first) == frozen_fingerprint(build_tiny_model(seed=0)[0])
+    assert frozen_fingerprint(first) != frozen_fingerprint(second)
+    first.projector.requires_grad_(False)
+    with torch.no_grad():
+        for p in first.projector.parameters():
+            p.add_(1.0)  # the projector is not part of the stored features
+    assert frozen_fingerprint(first) == frozen_fingerprint(build_tiny_model(seed=0)[0])
+
+    path = write_config(tmp_path, media, trainable={"vision": True, "dts": False})
+    raw = yaml.safe_load(path.read_text())
+    raw["feature_cache"] = "store"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="feature_cache .* trainable.vision and trainable.dts must be"):
+        load_config(path)
+
+
 def parameters(model):
     return {name: p.detach().clone() for name, p in model.state_dict().items()}
 

@@ -81,6 +81,11 @@ class VideoXL2ForCausalLM(PreTrainedModel):
 
     def encode_video(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(F, 3, S, S) preprocessed frames -> (ceil(F/4), tokens_per_group, hidden) visual embeddings."""
+        return self.project(self.visual_features(pixel_values))
+
+    def visual_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(F, 3, S, S) frames -> (ceil(F/4), grid tokens, vision hidden): vision tower and DTS, before the
+        projector. Separate so training with both frozen can store these once per video (`feature_cache`)."""
         config = self.config
         size = config.vision_config.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
@@ -94,10 +99,15 @@ class VideoXL2ForCausalLM(PreTrainedModel):
             features = siglip_features(self.vision_tower, batch)
             maps.append(resize_grid(features, config.vision_grid))
         groups = group_frames(torch.cat(maps), config.frames_per_group)
-        out = []
-        for start in range(0, groups.shape[0], config.dts_batch_size):
-            tokens = self.dts(groups[start : start + config.dts_batch_size])
-            out.append(self.projector(tokens))
+        return torch.cat(
+            [self.dts(groups[start : start + config.dts_batch_size])
+             for start in range(0, groups.shape[0], config.dts_batch_size)]
+        )
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """`visual_features` output -> visual embeddings in the LLM's width and dtype."""
+        step = self.config.dts_batch_size
+        out = [self.projector(features[start : start + step]) for start in range(0, features.shape[0], step)]
         return torch.cat(out).to(self.get_input_embeddings().weight.dtype)
 
     def embed_inputs(self, input_ids: torch.Tensor, video_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,19 +129,24 @@ class VideoXL2ForCausalLM(PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
         video_embeds: torch.Tensor | None = None,
+        visual_features: list[torch.Tensor] | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ):
         """Plain causal forward over a full sequence (training, the dense reference).
 
         `pixel_values` (frames of one video, or a list with one entry per video of the batch, in row order)
-        or ready `video_embeds` fill the placeholder positions of `input_ids`, row by row.
+        or ready `video_embeds` fill the placeholder positions of `input_ids`, row by row. `visual_features`
+        (one `visual_features` output per video, in row order) stand for frames whose vision side is frozen:
+        only the projector runs on them.
         Everything else (`attention_mask`, `position_ids`, `past_key_values`, `labels`, ...) goes to Qwen2.
         """
         if inputs_embeds is None:
             if input_ids is None:
                 raise InputError("give input_ids or inputs_embeds")
-            if video_embeds is None and pixel_values is not None:
+            if video_embeds is None and visual_features is not None:
+                video_embeds = torch.cat([self.project(features) for features in visual_features])
+            elif video_embeds is None and pixel_values is not None:
                 videos = pixel_values if isinstance(pixel_values, (list, tuple)) else [pixel_values]
                 video_embeds = torch.cat([self.encode_video(frames) for frames in videos])
             inputs_embeds = self.embed_inputs(input_ids, video_embeds)

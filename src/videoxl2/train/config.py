@@ -10,6 +10,8 @@
     learning_rates: {vision: 2e-6, ...}  # optional per-part rates (the release's mm_vision_tower_lr idea);
                                     # parts not named use training.learning_rate
     training: {TrainingArguments keys; deepspeed: zero2 | zero3 | PATH}
+    feature_cache: PATH             # optional, vision and DTS frozen: store their output per video there and
+                                    # reuse it (each video decoded and encoded once; see train/features.py)
 
 Every relative path is relative to the folder of the file that holds it, so a config runs from anywhere.
 Typos fail early: unknown keys are errors that name the file and the key.
@@ -52,7 +54,10 @@ TRAINING_DEFAULTS = dict(
 )
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEEPSPEED_PRESETS = {"zero2": CONFIG_DIR / "zero2.json", "zero3": CONFIG_DIR / "zero3.json"}
-_TOP_KEYS = {"model", "tokenizer", "model_dtype", "data", "trainable", "lora", "learning_rates", "training"}
+_TOP_KEYS = {
+    "model", "tokenizer", "model_dtype", "data", "trainable", "lora", "learning_rates", "training",
+    "feature_cache",
+}
 
 
 @dataclass
@@ -66,6 +71,7 @@ class TrainConfig:
     lora: dict | None
     training: dict
     learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)
+    feature_cache: Path | None = None
 
     @property
     def tiny_overrides(self) -> dict | None:
@@ -203,6 +209,12 @@ def load_config(path, overrides: dict | None = None) -> TrainConfig:
         if not trainable["llm"]:
             raise ConfigError(f"{where}: lora trains the LLM through adapters; set trainable.llm to true")
         lora = {**LORA_DEFAULTS, **lora}
+    feature_cache = _path(base, raw.get("feature_cache"))
+    if feature_cache is not None and (trainable["vision"] or trainable["dts"]):
+        raise ConfigError(
+            f"{where}: feature_cache stores the vision side's output, so trainable.vision and trainable.dts "
+            "must be false"
+        )
     dtype = str(raw.get("model_dtype", "float32"))
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"{where}: model_dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -216,4 +228,5 @@ def load_config(path, overrides: dict | None = None) -> TrainConfig:
         lora=lora,
         training=parse_training(raw["training"], base, where, overrides or {}),
         learning_rates=parse_learning_rates(raw.get("learning_rates"), where),
+        feature_cache=feature_cache,
     )

@@ -226,11 +226,12 @@ def encode_sample(
 class SupervisedDataset(torch.utils.data.Dataset):
     """Samples decoded on access: frames sampled as at inference, preprocessed for SigLIP, tokenised."""
 
-    def __init__(self, samples: list[Sample], tokenizer, config, settings: DataSettings):
+    def __init__(self, samples: list[Sample], tokenizer, config, settings: DataSettings, feature_store=None):
         self.samples = samples
         self.tokenizer = tokenizer
         self.config = config
         self.settings = settings
+        self.feature_store = feature_store  # a FeatureStore: stored frozen-side features replace decoding
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -244,18 +245,29 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def group_seconds(self, sample: Sample, plan) -> list[float]:
         return [t * sample.scale for t in plan.timestamps[:: self.config.frames_per_group]]
 
-    def frames(self, sample: Sample) -> tuple[torch.Tensor | None, list[float] | None]:
+    def frames(self, sample: Sample, plan=None) -> tuple[torch.Tensor | None, list[float] | None]:
         """Preprocessed frames and group start times; a still image is one frame at 0 s (padded to 4)."""
         size = self.config.vision_config.image_size
         if sample.image is not None:
             return preprocess_frames(expand_to_square(load_image(sample.image))[None], image_size=size), [0.0]
         if sample.video is None:
             return None, None
-        plan = self.plan(sample)
+        plan = plan or self.plan(sample)
         # Preprocess batch by batch: raw frames of a long high-resolution video would not fit in memory.
         batches = iter_frame_batches(sample.video, plan.indices)
         pixels = torch.cat([preprocess_frames(batch, image_size=size) for batch in batches])
         return pixels, self.group_seconds(sample, plan)
+
+    def stored(self, sample: Sample) -> tuple[str | None, torch.Tensor | None, list[float] | None, object]:
+        """(store key, stored features or None, group times, frame plan) of a media sample; no decoding."""
+        if self.feature_store is None or (sample.video is None and sample.image is None):
+            return None, None, None, None
+        plan = self.plan(sample) if sample.video is not None else None
+        key = self.feature_store.key(
+            sample.video or sample.image, plan.indices if plan else [0], self.config.vision_config.image_size
+        )
+        seconds = self.group_seconds(sample, plan) if plan else [0.0]
+        return key, self.feature_store.get(key), seconds, plan
 
     def lengths(self) -> list[int]:
         """Every sample's token count, without decoding a frame: what `group_by_length` sorts batches by, so
@@ -275,7 +287,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        pixels, seconds = self.frames(sample)
+        key, features, seconds, plan = self.stored(sample)
+        pixels = None
+        if features is None:
+            pixels, seconds = self.frames(sample, plan)
         ids, labels, video_end = encode_sample(self.tokenizer, sample.turns, seconds, self.config)
         limit = self.settings.model_max_length
         if len(ids) > limit:
@@ -286,17 +301,22 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     "before the first answer: lower frames_upbound or raise model_max_length"
                 )
             ids, labels = ids[:limit], labels[:limit]
-        return {
+        item = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "pixel_values": pixels,
         }
+        if key is not None:
+            item.update(feature_key=key, visual_features=features)
+        return item
 
 
 @dataclass
 class Collator:
     """Right-pads a batch; `pixel_values` is the list of per-sample frame tensors in row order (text-only
-    rows have none), which is what `VideoXL2ForCausalLM.forward` expects."""
+    rows have none), which is what `VideoXL2ForCausalLM.forward` expects. With a feature store the media
+    rows also give `feature_keys` and `visual_features` (None where not stored yet, frames given instead),
+    which the trainer completes and stores before the forward."""
 
     pad_token_id: int
 
@@ -309,7 +329,11 @@ class Collator:
             n = len(item["input_ids"])
             ids[row, :n], labels[row, :n], mask[row, :n] = item["input_ids"], item["labels"], 1
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        videos = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
-        if videos:
-            batch["pixel_values"] = videos
+        media = [i for i in items if (i.get("pixel_values"), i.get("visual_features")) != (None, None)]
+        if any("feature_key" in item for item in media):
+            batch["feature_keys"] = [item["feature_key"] for item in media]
+            batch["visual_features"] = [item["visual_features"] for item in media]
+            batch["pixel_values"] = [item["pixel_values"] for item in media]
+        elif media:
+            batch["pixel_values"] = [item["pixel_values"] for item in media]
         return batch

@@ -123,9 +123,32 @@ def part_trainer_class():
     from transformers import Trainer
 
     class PartTrainer(Trainer):
-        def __init__(self, *args, part_rates: dict[str, float] | None = None, **kwargs):
+        def __init__(self, *args, part_rates: dict[str, float] | None = None, feature_store=None, **kwargs):
             self.part_rates = dict(part_rates or {})
+            self.feature_store = feature_store
             super().__init__(*args, **kwargs)
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            keys = inputs.pop("feature_keys", None)
+            if keys is not None:
+                inputs["visual_features"] = self.complete_features(
+                    model, keys, inputs.pop("visual_features"), inputs.pop("pixel_values")
+                )
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+        def complete_features(self, model, keys, features, pixels) -> list:
+            """Stored features as they are; the others computed from their frames (frozen parts, no
+            gradient) and stored for the next visit."""
+            inner = self.accelerator.unwrap_model(model)
+            reference = inner.projector.parameters().__next__()
+            out = []
+            for key, stored, frames in zip(keys, features, pixels):
+                if stored is None:
+                    with torch.no_grad():
+                        stored = inner.visual_features(frames)
+                    self.feature_store.put(key, stored)
+                out.append(stored.to(reference.device, reference.dtype))
+            return out
 
         def _get_train_sampler(self, train_dataset=None):
             # The stock length-aware samplers would decode every video to measure it; our dataset gives the
@@ -200,9 +223,15 @@ def train(config: TrainConfig, resume: bool | str | None = None) -> TrainResult:
     if config.lora:
         add_lora(model, config.lora)
         counts["llm"] = sum(p.numel() for p in model.language_model.parameters() if p.requires_grad)
-    dataset = SupervisedDataset(samples, tokenizer, model.config, config.data)
+    store = None
+    if config.feature_cache is not None:
+        from .features import FeatureStore, frozen_fingerprint
+
+        store = FeatureStore(config.feature_cache, frozen_fingerprint(model))
+    dataset = SupervisedDataset(samples, tokenizer, model.config, config.data, feature_store=store)
     trainer = part_trainer_class()(
         part_rates=config.learning_rates,
+        feature_store=store,
         model=model, args=args, train_dataset=dataset, data_collator=Collator(pad), processing_class=tokenizer
     )
     start = time.perf_counter()
