@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the bundled demo model from nothing: data, three training stages, bundle, held-out evaluation.
-# 50-77 minutes on 2 CPU cores, depending on the machine (see the model card). Run from anywhere;
+# About an hour on 2 CPU cores, 56 minutes of it training (see the model card). Run from anywhere;
 # everything is written under training/demo/work/.
 set -euo pipefail
 cd "$(dirname "$0")"
