@@ -140,7 +140,7 @@ def part_trainer_class():
             """Stored features as they are; the others computed from their frames (frozen parts, no
             gradient) and stored for the next visit."""
             inner = self.accelerator.unwrap_model(model)
-            reference = inner.projector.parameters().__next__()
+            reference = next(inner.projector.parameters())
             out = []
             for key, stored, frames in zip(keys, features, pixels):
                 if stored is None:
