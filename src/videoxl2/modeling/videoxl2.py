@@ -129,8 +129,8 @@ class VideoXL2ForCausalLM(PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
         video_embeds: torch.Tensor | None = None,
-        visual_features: list[torch.Tensor] | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        visual_features: list[torch.Tensor] | None = None,
         **kwargs,
     ):
         """Plain causal forward over a full sequence (training, the dense reference).
