@@ -57,7 +57,7 @@ def test_questions_have_exact_answers():
     options = choice.extra["options"]
     letter = choice.answer.removeprefix("red square (").removesuffix(")")
     assert choice.answer == f"red square ({letter})" and options["ABCD".index(letter)] == "red square"
-    assert f"({letter}) red square" in choice.question
+    assert f"\nred square ({letter})\n" in choice.question  # the answer is a copy of its option's line
 
 
 def test_random_specs_are_deterministic_and_on_group_boundaries():
@@ -112,6 +112,34 @@ def test_multi_turn_conversations_ask_every_family_once(tmp_path):
         assert len(asked) in (4, 5) and len(set(asked)) == len(asked)
 
 
+def _turns(record: dict) -> tuple[list, list]:
+    """(multiple-choice, other) question/answer pairs of a conversation."""
+    turns = record["conversations"]
+    pairs = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(turns[::2], turns[1::2])]
+    choice = [pair for pair in pairs if "\nAnswer with the shape" in pair[0]]
+    return choice, [pair for pair in pairs if pair not in choice]
+
+
+def test_choice_repeats_reshuffle_the_options_and_change_nothing_else(tmp_path):
+    def dataset(name, repeats):
+        path = make_dataset(tmp_path / name, 3, 4, (8, 24), multi_turn=True, choice_repeats=repeats)
+        return json.loads(path.read_text())
+
+    for before, after in zip(dataset("a", 0), dataset("b", 3), strict=True):
+        assert before["needles"] == after["needles"]
+        videos = (tmp_path / "a" / before["video"], tmp_path / "b" / after["video"])
+        assert videos[0].read_bytes() == videos[1].read_bytes()
+        choice, rest = _turns(after)
+        assert rest == _turns(before)[1]
+        assert len(choice) == 4 and len({question for question, _ in choice}) > 1
+        first = "{colour} {shape}".format(**after["needles"][0])
+        for question, answer in choice:
+            letter = answer.removeprefix(f"{first} (").removesuffix(")")
+            assert answer == f"{first} ({letter})" and f"\n{first} ({letter})\n" in question
+    with pytest.raises(InputError, match="--choice-repeats needs --multi-turn"):
+        make_dataset(tmp_path / "c", 1, choice_repeats=2)
+
+
 def test_repeat_colour_gives_counting_practice():
     def repeated(p):
         rng = np.random.default_rng(5)
@@ -131,7 +159,7 @@ def test_option_matching_drills_point_at_the_named_option():
         question, answer = (t["value"] for t in record["conversations"])
         named = question.split("was a ")[1].split(".")[0]
         letter = answer.removeprefix(f"{named} (").removesuffix(")")
-        assert answer == f"{named} ({letter})" and f"({letter}) {named}\n" in question
+        assert answer == f"{named} ({letter})" and f"\n{named} ({letter})\n" in question
         assert "video" not in record
         letters.add(letter)
     assert letters == set("ABCD")

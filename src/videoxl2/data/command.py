@@ -23,6 +23,12 @@ def add_arguments(parser) -> None:
         default=0.0,
         help="chance (0-1) that each later needle repeats the first one's colour: more counting practice",
     )
+    parser.add_argument(
+        "--choice-repeats",
+        type=int,
+        default=0,
+        help="with --multi-turn: ask the multiple-choice question this many more times, options reshuffled",
+    )
 
 
 def run(args) -> int:
@@ -38,6 +44,7 @@ def run(args) -> int:
         args.multi_turn,
         args.matching,
         args.repeat_colour,
+        args.choice_repeats,
     )
     print(f"wrote {args.videos} videos, {args.matching} matching drills and {path}")
     return 0

@@ -34,9 +34,11 @@ GROUP = 4  # frames per group: a needle fills exactly one
 FAMILIES = ("what", "choice", "when", "count", "order")
 # Multiple choice is answered "green square (A)": the shape first, then its letter. A model this small names
 # what it saw (the open question) far more easily than it maps a seen shape straight to a letter; with the
-# name written out, the letter is a text look-up among the options, the skill the text-only drills train
-# (the demo model has not learned it yet: see its model card).
+# name written out, the letter is a text look-up among the options. Options are listed the same way, one
+# "green square (A)" per line, so the answer is a copy of the line that starts with the name (a prefix
+# match, the induction pattern small transformers learn first).
 CHOICE_SUFFIX = "Answer with the shape, then its option's letter."
+LETTERS = "ABCD"
 
 
 def choice_answer(name: str, letter: str) -> str:
@@ -167,18 +169,22 @@ class Question:
     extra: dict = field(default_factory=dict)
 
 
+def choice_question(answer: str, rng: np.random.Generator) -> Question:
+    """The multiple-choice "first shape" question: `answer` and three other names, in a random order."""
+    names = sorted({f"{c} {s}" for c in COLOURS for s in SHAPES} - {answer})
+    options = [answer, *(str(name) for name in rng.choice(names, size=3, replace=False))]
+    rng.shuffle(options)
+    listing = "\n".join(choice_answer(name, letter) for letter, name in zip(LETTERS, options))
+    question = f"What was the first shape shown in the video?\n{listing}\n{CHOICE_SUFFIX}"
+    letter = LETTERS[options.index(answer)]
+    return Question("choice", question, choice_answer(answer, letter), {"options": options})
+
+
 def questions(spec: VideoSpec, rng: np.random.Generator) -> list[Question]:
     """One question per applicable family, with exact answers derived from the spec."""
     first = spec.needles[0]
     out = [Question("what", "What was the first shape shown in the video?", first.name)]
-    names = sorted({f"{c} {s}" for c in COLOURS for s in SHAPES} - {first.name})
-    options = [first.name, *(str(name) for name in rng.choice(names, size=3, replace=False))]
-    rng.shuffle(options)
-    letters = "ABCD"
-    listing = "\n".join(f"({letter}) {name}" for letter, name in zip(letters, options))
-    choice = f"What was the first shape shown in the video?\n{listing}\n{CHOICE_SUFFIX}"
-    letter = letters[options.index(first.name)]
-    out.append(Question("choice", choice, choice_answer(first.name, letter), {"options": list(options)}))
+    out.append(choice_question(first.name, rng))
     out.append(Question("when", f"When did the {first.name} appear?", f"{spec.seconds(first.start_frame)}s"))
     colour = first.colour
     count = sum(n.colour == colour for n in spec.needles)
@@ -211,7 +217,7 @@ def option_matching_records(count: int, seed: int) -> list[dict]:
     for index in range(count):
         options = [str(n) for n in rng.choice(names, size=4, replace=False)]
         answer = int(rng.integers(4))
-        listing = "\n".join(f"({letter}) {name}" for letter, name in zip("ABCD", options))
+        listing = "\n".join(choice_answer(name, letter) for letter, name in zip(LETTERS, options))
         question = (
             f"The first shape shown was a {options[answer]}. Which option is it?\n{listing}\n{CHOICE_SUFFIX}"
         )
@@ -238,16 +244,23 @@ def make_dataset(
     multi_turn: bool = False,
     matching: int = 0,
     repeat_colour: float = 0.0,
+    choice_repeats: int = 0,
 ) -> Path:
     """Write `num_videos` videos and `<split>.json` (LLaVA format) + `data.yaml`.
 
     One entry per question, or with `multi_turn` one conversation per video asking every question in a random
     order: the video is encoded once for all its answers, which makes CPU training about 4x cheaper.
     `matching` adds that many text-only option-matching drills (`option_matching_records`); `repeat_colour`
-    goes to `random_spec`.
+    goes to `random_spec`. `choice_repeats` (multi-turn only) asks the multiple-choice question that many
+    more times per conversation, options drawn and ordered afresh each time: the letter changes while the
+    video stays, which is the signal the letter look-up needs (a habitual letter is then wrong 3 times in
+    4). Those draws come from a generator of their own, so the videos and the other questions are the same
+    as without.
     """
     if num_videos < 0 or matching < 0 or num_videos + matching < 1:
         raise InputError(f"nothing to write: --videos {num_videos}, --matching {matching}")
+    if choice_repeats < 0 or (choice_repeats and not multi_turn):
+        raise InputError(f"--choice-repeats needs --multi-turn and a count >= 0, got {choice_repeats}")
     low, high = frames_range
     if not GROUP <= low <= high:
         raise InputError(f"frames range must satisfy {GROUP} <= min <= max, got {low}..{high}")
@@ -262,9 +275,13 @@ def make_dataset(
         write_video(spec, out / name)
         asked = questions(spec, rng)
         if multi_turn:
-            order = rng.permutation(len(asked))
+            ordered = [asked[i] for i in rng.permutation(len(asked))]
+            extra = np.random.default_rng([seed, index])
+            for _ in range(choice_repeats):
+                at = int(extra.integers(len(ordered) + 1))
+                ordered.insert(at, choice_question(spec.needles[0].name, extra))
             turns = []
-            for position, q in enumerate(asked[i] for i in order):
+            for position, q in enumerate(ordered):
                 prefix = "<image>\n" if position == 0 else ""
                 turns += [{"from": "human", "value": prefix + q.question}, {"from": "gpt", "value": q.answer}]
             records.append(
