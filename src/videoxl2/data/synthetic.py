@@ -170,9 +170,18 @@ class Question:
 
 
 def choice_question(answer: str, rng: np.random.Generator) -> Question:
-    """The multiple-choice "first shape" question: `answer` and three other names, in a random order."""
+    """The multiple-choice "first shape" question: `answer` and one option of each other shape, in a random
+    order.
+
+    Options differ in shape, so the letter follows from one word of the written answer; with whole names
+    drawn at random, three questions in four had an option sharing the answer's colour or shape, and the
+    demo model never learned that two-word match (its model card). Distractor colours are random; they are
+    drawn as whole names so the stream of draws, and with it every video a seed gives, stays the same.
+    """
+    colour, shape = answer.split(" ")
     names = sorted({f"{c} {s}" for c in COLOURS for s in SHAPES} - {answer})
-    options = [answer, *(str(name) for name in rng.choice(names, size=3, replace=False))]
+    colours = [str(name).split(" ")[0] for name in rng.choice(names, size=3, replace=False)]
+    options = [answer, *(f"{c} {s}" for c, s in zip(colours, (s for s in SHAPES if s != shape)))]
     rng.shuffle(options)
     listing = "\n".join(choice_answer(name, letter) for letter, name in zip(LETTERS, options))
     question = f"What was the first shape shown in the video?\n{listing}\n{CHOICE_SUFFIX}"
