@@ -57,7 +57,7 @@ def test_questions_have_exact_answers():
     options = choice.extra["options"]
     letter = choice.answer.removeprefix("red square (").removesuffix(")")
     assert choice.answer == f"red square ({letter})" and options["ABCD".index(letter)] == "red square"
-    assert f"\nred square ({letter})\n" in choice.question  # the answer is a copy of its option's line
+    assert f"\n({letter}) red square\n" in choice.question
 
 
 def test_random_specs_are_deterministic_and_on_group_boundaries():
@@ -135,7 +135,7 @@ def test_choice_repeats_reshuffle_the_options_and_change_nothing_else(tmp_path):
         first = "{colour} {shape}".format(**after["needles"][0])
         for question, answer in choice:
             letter = answer.removeprefix(f"{first} (").removesuffix(")")
-            assert answer == f"{first} ({letter})" and f"\n{first} ({letter})\n" in question
+            assert answer == f"{first} ({letter})" and f"\n({letter}) {first}\n" in question
     with pytest.raises(InputError, match="--choice-repeats needs --multi-turn"):
         make_dataset(tmp_path / "c", 1, choice_repeats=2)
 
@@ -159,7 +159,7 @@ def test_option_matching_drills_point_at_the_named_option():
         question, answer = (t["value"] for t in record["conversations"])
         named = question.split("was a ")[1].split(".")[0]
         letter = answer.removeprefix(f"{named} (").removesuffix(")")
-        assert answer == f"{named} ({letter})" and f"\n{named} ({letter})\n" in question
+        assert answer == f"{named} ({letter})" and f"({letter}) {named}\n" in question
         assert "video" not in record
         letters.add(letter)
     assert letters == set("ABCD")

@@ -34,9 +34,8 @@ GROUP = 4  # frames per group: a needle fills exactly one
 FAMILIES = ("what", "choice", "when", "count", "order")
 # Multiple choice is answered "green square (A)": the shape first, then its letter. A model this small names
 # what it saw (the open question) far more easily than it maps a seen shape straight to a letter; with the
-# name written out, the letter is a text look-up among the options. Options are listed the same way, one
-# "green square (A)" per line, so the answer is a copy of the line that starts with the name (a prefix
-# match, the induction pattern small transformers learn first).
+# name written out, the letter is a text look-up among the options (the demo model has not learned it yet:
+# see its model card; `training/demo/attempts/` has the option formats tried).
 CHOICE_SUFFIX = "Answer with the shape, then its option's letter."
 LETTERS = "ABCD"
 
@@ -170,20 +169,11 @@ class Question:
 
 
 def choice_question(answer: str, rng: np.random.Generator) -> Question:
-    """The multiple-choice "first shape" question: `answer` and one option of each other shape, in a random
-    order.
-
-    Options differ in shape, so the letter follows from one word of the written answer; with whole names
-    drawn at random, three questions in four had an option sharing the answer's colour or shape, and the
-    demo model never learned that two-word match (its model card). Distractor colours are random; they are
-    drawn as whole names so the stream of draws, and with it every video a seed gives, stays the same.
-    """
-    colour, shape = answer.split(" ")
+    """The multiple-choice "first shape" question: `answer` and three other names, in a random order."""
     names = sorted({f"{c} {s}" for c in COLOURS for s in SHAPES} - {answer})
-    colours = [str(name).split(" ")[0] for name in rng.choice(names, size=3, replace=False)]
-    options = [answer, *(f"{c} {s}" for c, s in zip(colours, (s for s in SHAPES if s != shape)))]
+    options = [answer, *(str(name) for name in rng.choice(names, size=3, replace=False))]
     rng.shuffle(options)
-    listing = "\n".join(choice_answer(name, letter) for letter, name in zip(LETTERS, options))
+    listing = "\n".join(f"({letter}) {name}" for letter, name in zip(LETTERS, options))
     question = f"What was the first shape shown in the video?\n{listing}\n{CHOICE_SUFFIX}"
     letter = LETTERS[options.index(answer)]
     return Question("choice", question, choice_answer(answer, letter), {"options": options})
@@ -226,7 +216,7 @@ def option_matching_records(count: int, seed: int) -> list[dict]:
     for index in range(count):
         options = [str(n) for n in rng.choice(names, size=4, replace=False)]
         answer = int(rng.integers(4))
-        listing = "\n".join(choice_answer(name, letter) for letter, name in zip(LETTERS, options))
+        listing = "\n".join(f"({letter}) {name}" for letter, name in zip(LETTERS, options))
         question = (
             f"The first shape shown was a {options[answer]}. Which option is it?\n{listing}\n{CHOICE_SUFFIX}"
         )
