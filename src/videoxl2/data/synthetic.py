@@ -252,9 +252,9 @@ def make_dataset(
     `matching` adds that many text-only option-matching drills (`option_matching_records`); `repeat_colour`
     goes to `random_spec`. `choice_repeats` (multi-turn only) asks the multiple-choice question that many
     more times per conversation, options drawn and ordered afresh each time: the letter changes while the
-    video stays, which is the signal the letter look-up needs (a habitual letter is then wrong 3 times in
-    4). Those draws come from a generator of their own, so the videos and the other questions are the same
-    as without.
+    video stays, so a habitual letter is wrong 3 times in 4 (it did not teach the demo model the look-up:
+    `training/demo/attempts/choice-repeats`). Those draws come from a generator of their own, so the videos
+    and the other questions are the same as without.
     """
     if num_videos < 0 or matching < 0 or num_videos + matching < 1:
         raise InputError(f"nothing to write: --videos {num_videos}, --matching {matching}")
