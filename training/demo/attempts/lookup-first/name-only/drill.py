@@ -55,12 +55,23 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    parser.add_argument("--hidden", type=int, default=TEXT["hidden_size"], help="the demo's LLM has 128")
     parser.add_argument("--layers", type=int, default=TEXT["num_hidden_layers"], help="the demo's LLM has 4")
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
     tokenizer = build_tiny_tokenizer()
-    model, _ = build_tiny_model(0, tokenizer, init_std=None, text={**TEXT, "num_hidden_layers": args.layers})
+    model, _ = build_tiny_model(
+        0,
+        tokenizer,
+        init_std=None,
+        text={
+            **TEXT,
+            "num_hidden_layers": args.layers,
+            "hidden_size": args.hidden,
+            "intermediate_size": 3 * args.hidden,
+        },
+    )
     letters = tokenizer.convert_tokens_to_ids(list("ABCD"))
 
     def encode(question: str, answer: str) -> tuple[list[int], list[float], int]:
