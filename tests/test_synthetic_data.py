@@ -55,9 +55,11 @@ def test_questions_have_exact_answers():
     assert found["order"].answer == "red square"
     choice = found["choice"]
     options = choice.extra["options"]
-    letter = choice.answer.removeprefix("red square (").removesuffix(")")
-    assert choice.answer == f"red square ({letter})" and options["ABCD".index(letter)] == "red square"
-    assert f"\n({letter}) red square\n" in choice.question
+    letter = "ABCD"[options.index("red square")]
+    assert len(set(options)) == 4 and f"\n({letter}) red square\n" in choice.question
+    name, *verdicts, last = choice.answer.split("\n")
+    assert name == "red square" and last == f"Answer: {letter}"
+    assert verdicts == [f"({x}) {o}: {'yes' if x == letter else 'no'}" for x, o in zip("ABCD", options)]
 
 
 def test_random_specs_are_deterministic_and_on_group_boundaries():
@@ -157,9 +159,11 @@ def test_option_matching_drills_point_at_the_named_option():
     letters = set()
     for record in records:
         question, answer = (t["value"] for t in record["conversations"])
-        named = question.split("was a ")[1].split(".")[0]
-        letter = answer.removeprefix(f"{named} (").removesuffix(")")
-        assert answer == f"{named} ({letter})" and f"({letter}) {named}\n" in question
+        named, *verdicts, last = answer.split("\n")
+        letter = last.removeprefix("Answer: ")
+        assert question.startswith("What was the first shape shown in the video?\n")
+        assert f"({letter}) {named}\n" in question and f"({letter}) {named}: yes" in verdicts
+        assert sum(v.endswith(": yes") for v in verdicts) == 1 and len(verdicts) == 4
         assert "video" not in record
         letters.add(letter)
     assert letters == set("ABCD")

@@ -32,16 +32,21 @@ COLOURS = {
 SHAPES = ("square", "circle", "triangle", "cross")
 GROUP = 4  # frames per group: a needle fills exactly one
 FAMILIES = ("what", "choice", "when", "count", "order")
-# Multiple choice is answered "green square (A)": the shape first, then its letter. A model this small names
-# what it saw (the open question) far more easily than it maps a seen shape straight to a letter; with the
-# name written out, the letter is a text look-up among the options (the demo model has not learned it yet:
-# see its model card; `training/demo/attempts/` has the option formats tried).
-CHOICE_SUFFIX = "Answer with the shape, then its option's letter."
+# Multiple choice is answered by naming the shape, then judging each option against that name, then the
+# letter ("green square\n(A) red circle: no\n(B) green square: yes\n...\nAnswer: B"). A model this small
+# names what it saw far more easily than it maps a seen shape to a letter, and copying the letter that follows
+# a name it wrote itself is an induction copy it learns badly; copying each option by its letter (a one-token
+# key in a fixed order) and comparing two names in the text it has just written is learnt
+# (`training/demo/attempts/verdicts/`).
+CHOICE_SUFFIX = "Name the shape, check each option, then give the letter."
 LETTERS = "ABCD"
 
 
-def choice_answer(name: str, letter: str) -> str:
-    return f"{name} ({letter})"
+def choice_answer(options: list[str], answer: int) -> str:
+    """The multiple-choice answer for `options[answer]`: its name, a yes/no line per option, the letter."""
+    verdicts = [f"({letter}) {name}: {'yes' if i == answer else 'no'}" for i, (letter, name) in
+                enumerate(zip(LETTERS, options))]  # fmt: skip
+    return "\n".join([options[answer], *verdicts, f"Answer: {LETTERS[answer]}"])
 
 
 @dataclass(frozen=True)
@@ -175,8 +180,7 @@ def choice_question(answer: str, rng: np.random.Generator) -> Question:
     rng.shuffle(options)
     listing = "\n".join(f"({letter}) {name}" for letter, name in zip(LETTERS, options))
     question = f"What was the first shape shown in the video?\n{listing}\n{CHOICE_SUFFIX}"
-    letter = LETTERS[options.index(answer)]
-    return Question("choice", question, choice_answer(answer, letter), {"options": options})
+    return Question("choice", question, choice_answer(options, options.index(answer)), {"options": options})
 
 
 def questions(spec: VideoSpec, rng: np.random.Generator) -> list[Question]:
@@ -204,11 +208,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def option_matching_records(count: int, seed: int) -> list[dict]:
-    """Text-only multiple-choice drills: a needle is named and the answer is it with its option letter.
+    """Text-only multiple-choice drills: the video question without a video, answered as a video would be.
 
-    A model trained from scratch must learn to find its answer among the options and copy the letter before
-    it; video questions alone teach that slowly (every one costs a video), these teach it for the price of a
-    few dozen tokens each.
+    The name that opens the answer cannot be known without the video; everything after it (each option
+    judged against that name, then the letter) is text work that video questions teach slowly (every one
+    costs a video) and these teach for the price of a few dozen tokens each.
     """
     rng = np.random.default_rng(seed)
     names = sorted(f"{c} {s}" for c in COLOURS for s in SHAPES)
@@ -217,16 +221,14 @@ def option_matching_records(count: int, seed: int) -> list[dict]:
         options = [str(n) for n in rng.choice(names, size=4, replace=False)]
         answer = int(rng.integers(4))
         listing = "\n".join(f"({letter}) {name}" for letter, name in zip(LETTERS, options))
-        question = (
-            f"The first shape shown was a {options[answer]}. Which option is it?\n{listing}\n{CHOICE_SUFFIX}"
-        )
+        question = f"What was the first shape shown in the video?\n{listing}\n{CHOICE_SUFFIX}"
         records.append(
             {
                 "id": f"match_{seed}_{index:05d}",
                 "family": "match",
                 "conversations": [
                     {"from": "human", "value": question},
-                    {"from": "gpt", "value": choice_answer(options[answer], "ABCD"[answer])},
+                    {"from": "gpt", "value": choice_answer(options, answer)},
                 ],
             }
         )

@@ -73,7 +73,7 @@ def run_demo(
         )  # fmt: skip
         session.prefill()
         for number, q in enumerate(questions(spec, np.random.default_rng(seed))):
-            answer = session.ask(q.question, generation_config={"max_new_tokens": 16})
+            answer = session.ask(q.question, generation_config={"max_new_tokens": 64})
             picture = plot_timeline(
                 answer.stats["units"],
                 out / f"timeline-{number}-{q.family}.png",
@@ -97,9 +97,10 @@ def describe(result: DemoResult, memory_bytes: int | None) -> str:
         kv += f" ({100 * stats['kv_bytes'] / memory_bytes:.0f}% of dense)"
     question = result.question.splitlines()
     shown = question[0] + (f" [{'; '.join(question[1:-1])}]" if len(question) > 2 else "")
+    answer, truth = (" / ".join(text.splitlines()) for text in (result.answer, result.truth))
     return (
         f"Q ({result.family}): {shown}\n"
-        f"  answer: {result.answer!r}   truth: {result.truth!r}   {mark}\n"
+        f"  answer: {answer!r}   truth: {truth!r}   {mark}\n"
         f"  {stats['mode']}: dense units {spans or '-'}; {kv}; {stats['answer_s']:.2f}s; "
         f"timeline {result.timeline}"
     )
