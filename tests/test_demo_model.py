@@ -50,15 +50,17 @@ def test_new_videos_are_answered_in_dense_and_bilevel_modes(demo, tmp_path):
                     text = session.ask(q.question, generation_config={"max_new_tokens": 64}).text
                     right = normalize_text(text) == normalize_text(q.answer)
                     outcome.append((q.family, q.answer, text, right))
-    # Multiple choice is the model's known failure (see its model card): held to the others' bar it would
-    # fail; the open-ended families are what it learned.
+    # Bars a little under the model card's held-out figures (83% dense, 77.5% bi-level on 200 questions):
+    # a regression check on ~37 questions, not a measurement.
     scores = {}
     for mode, outcome in results.items():
-        kept = [row for row in outcome if row[0] != "choice"]
-        scores[mode] = sum(ok for *_, ok in kept) / len(kept)
-        wrong = [(family, truth, got) for family, truth, got, ok in kept if not ok]
-        assert scores[mode] >= 0.8, f"{mode}: {scores[mode]:.1%} right; wrong: {wrong}"
-    assert scores["bilevel"] >= scores["dense"] - 0.05, scores
+        scores[mode] = sum(ok for *_, ok in outcome) / len(outcome)
+        wrong = [(family, truth, got) for family, truth, got, ok in outcome if not ok]
+        bar = 0.7 if mode == "dense" else 0.65
+        assert scores[mode] >= bar, f"{mode}: {scores[mode]:.1%} right; wrong: {wrong}"
+    choice = [ok for family, *_, ok in results["dense"] if family == "choice"]
+    assert sum(choice) >= len(choice) / 2, f"multiple choice right in {sum(choice)} of {len(choice)}"
+    assert scores["bilevel"] >= scores["dense"] - 0.1, scores
 
 
 def test_demo_command_runs_on_the_default_model(tmp_path, capsys):

@@ -20,7 +20,7 @@ from videoxl2.data import (
     render_frame,
     write_video,
 )
-from videoxl2.data.synthetic import option_matching_records
+from videoxl2.data.synthetic import CHOICE_SUFFIX, option_matching_records
 from videoxl2.video import iter_frame_batches, plan_sampling, probe_video
 
 
@@ -118,7 +118,7 @@ def _turns(record: dict) -> tuple[list, list]:
     """(multiple-choice, other) question/answer pairs of a conversation."""
     turns = record["conversations"]
     pairs = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(turns[::2], turns[1::2])]
-    choice = [pair for pair in pairs if "\nAnswer with the shape" in pair[0]]
+    choice = [pair for pair in pairs if pair[0].endswith(CHOICE_SUFFIX)]
     return choice, [pair for pair in pairs if pair not in choice]
 
 
@@ -136,8 +136,9 @@ def test_choice_repeats_reshuffle_the_options_and_change_nothing_else(tmp_path):
         assert len(choice) == 4 and len({question for question, _ in choice}) > 1
         first = "{colour} {shape}".format(**after["needles"][0])
         for question, answer in choice:
-            letter = answer.removeprefix(f"{first} (").removesuffix(")")
-            assert answer == f"{first} ({letter})" and f"\n({letter}) {first}\n" in question
+            name, *_, last = answer.split("\n")
+            letter = last.removeprefix("Answer: ")
+            assert name == first and f"\n({letter}) {first}\n" in question
     with pytest.raises(InputError, match="--choice-repeats needs --multi-turn"):
         make_dataset(tmp_path / "c", 1, choice_repeats=2)
 
