@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from videoxl2.data.synthetic import COLOURS, SHAPES
+from videoxl2.data.synthetic import COLOURS, SHAPES, choice_answer
 from videoxl2.tiny import build_tiny_model
 from videoxl2.tokenizer import build_tiny_tokenizer
 from videoxl2.train.data import encode_sample
@@ -31,9 +31,8 @@ TEXT = dict(
 
 
 def verdicts(options: list[str], answer: int) -> str:
-    lines = [f"({letter}) {name}: {'yes' if i == answer else 'no'}" for i, (letter, name) in
-             enumerate(zip("ABCD", options))]
-    return "\n".join(lines) + f"\nAnswer: {'ABCD'[answer]}"
+    """The project's multiple-choice answer without its first line (the name)."""
+    return choice_answer(options, answer).split("\n", 1)[1]
 
 
 def drills(count: int, seed: int, form: str) -> list[tuple[str, str, str]]:
@@ -47,7 +46,7 @@ def drills(count: int, seed: int, form: str) -> list[tuple[str, str, str]]:
         listing = "\n".join(f"({letter}) {name}" for letter, name in zip("ABCD", options))
         question = f"What was the first shape shown in the video?\n{listing}"
         if form == "name-verdicts":  # the name only in the answer, as a video question has it
-            out.append((question, f"{options[answer]}\n{verdicts(options, answer)}", options[answer]))
+            out.append((question, choice_answer(options, answer), options[answer]))
             continue
         question += f"\nIt was a {options[answer]}."
         reply = verdicts(options, answer) if form == "verdicts" else f"{options[answer]} ({'ABCD'[answer]})"
