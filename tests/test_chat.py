@@ -147,6 +147,51 @@ def test_seed_switches_select_chunked_mode(tiny):
     assert EngineSettings.from_config(config).mode == "dense"
 
 
+def test_rerotate_setting_from_config_and_cli(tiny, synthetic_video):
+    """`rerotate` comes from the checkpoint config (overridable) and decides where bi-level keys sit."""
+    from videoxl2.cli import _engine_overrides, build_parser
+    from videoxl2.engine.decode import answer_from_cache
+    from videoxl2.generation import GenerationSettings
+
+    model, tokenizer = tiny
+    config = model.config
+    assert EngineSettings.from_config(config).rerotate is True
+    config.rerotate = False
+    try:
+        settings = EngineSettings.from_config(config, mode="bilevel", unit_size=1, topk=1)
+        assert settings.rerotate is False
+        assert EngineSettings.from_config(config, rerotate=True).rerotate is True
+    finally:
+        config.rerotate = True
+    args = build_parser().parse_args(["chat", "v.mp4", "q", "--no-rerotate"])
+    assert _engine_overrides(args)["rerotate"] is False
+    assert _engine_overrides(build_parser().parse_args(["chat", "v.mp4", "q"]))["rerotate"] is None
+
+    question = "Which shape moves?"
+    last_logits = {}
+    for rerotate in (True, False):
+        session = VideoSession.from_path(
+            model,
+            tokenizer,
+            synthetic_video,
+            max_num_frames=24,
+            sample_fps=4,
+            settings=settings.with_overrides(rerotate=rerotate),
+        )
+        answer = session.ask(question, generation_config=GREEDY)
+        dense = [u["index"] for u in answer.stats["units"] if u["dense"]]
+        assert len(dense) < len(answer.stats["units"])
+        mixed = session.prefill().assemble(session.runner, dense, rerotate=rerotate, reserve=8)
+        ids = answer_from_cache(
+            model, tokenizer, mixed, session.question_ids(question), GenerationSettings.from_dict(GREEDY)
+        )
+        assert answer.token_ids == ids
+        cache = session.prefill().assemble(session.runner, dense, rerotate=rerotate)
+        last_logits[rerotate] = run_on_cache(session.runner, model, cache, session.question_ids(question))
+    gap = (last_logits[True] - last_logits[False]).abs().max().item()
+    assert gap > 1e-4, f"positions should change the logits, max abs difference {gap:.2e}"
+
+
 def test_image_input(tiny, tmp_path):
     from PIL import Image
 

@@ -32,6 +32,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=None, help="relevant units kept dense (bilevel)")
     parser.add_argument("--compression", type=int, default=None, help="visual KV pooling step (bilevel)")
     parser.add_argument(
+        "--rerotate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bilevel: keys at contiguous positions (the release's way) or, with --no-rerotate, at their own",
+    )
+    parser.add_argument(
         "--offload", action="store_true", help="keep the dense video KV in CPU memory (GPU runs)"
     )
 
@@ -78,6 +84,7 @@ def _engine_overrides(args) -> dict:
         unit_size=args.unit_size,
         topk=args.topk,
         compression=args.compression,
+        rerotate=args.rerotate,
         offload=args.offload or None,
     )
 

@@ -57,10 +57,10 @@ class VideoXL2Config(PretrainedConfig):
     patch grid; `frames_per_group` frames are fused by the DTS into one map, projected, and average-pooled
     by `pool_stride`, so a group yields `(vision_grid // pool_stride) ** 2` visual tokens (144 released).
 
-    Engine settings (`engine_mode`, `block_size`, `prev_blocks`, `unit_size`, `topk`, `compression`) are the
-    defaults of chat and sessions. The seed API's spellings (`enable_sparse`, `sparse_mode`,
-    `sparse_config`, `enable_chunk_prefill`, `prefill_config`) may be set on the config too; see
-    `videoxl2.engine.settings` for how they map.
+    Engine settings (`engine_mode`, `block_size`, `prev_blocks`, `unit_size`, `topk`, `compression`,
+    `rerotate`) are the defaults of chat and sessions. The seed API's spellings (`enable_sparse`,
+    `sparse_mode`, `sparse_config`, `enable_chunk_prefill`, `prefill_config`) may be set on the config
+    too; see `videoxl2.engine.settings` for how they map.
     """
 
     model_type = "videoxl2"
@@ -83,6 +83,7 @@ class VideoXL2Config(PretrainedConfig):
         unit_size: int = 4,
         topk: int = 8,
         compression: int = 4,
+        rerotate: bool = True,
         max_context_tokens: int | None = None,
         **kwargs: Any,
     ):
@@ -109,6 +110,7 @@ class VideoXL2Config(PretrainedConfig):
         self.unit_size = unit_size
         self.topk = topk
         self.compression = compression
+        self.rerotate = bool(rerotate)
         self.max_context_tokens = max_context_tokens
         kwargs.setdefault(
             "tie_word_embeddings", bool(getattr(self.text_config, "tie_word_embeddings", False))

@@ -13,7 +13,8 @@ class EngineSettings:
     """`dense`: plain causal attention; `chunked`: chunk-based pre-fill (blocks of `block_size` groups see
     `prev_blocks` earlier blocks), dense decoding; `bilevel`: chunked pre-fill, then per question the
     `topk` most relevant units of `unit_size` groups keep dense KV and the rest keep KV pooled by
-    `compression`. `rerotate`: bi-level keys are re-rotated at contiguous positions (the release's way).
+    `compression`. `rerotate`: bi-level keys are re-rotated at contiguous positions (the release's way);
+    off, every key keeps the position pre-fill gave it, as a model trained only on dense videos expects.
     `offload`: after pre-filling on a GPU, keep the dense KV in CPU memory and gather per question only
     what the assembled cache needs."""
 
@@ -53,6 +54,7 @@ class EngineSettings:
             unit_size=getattr(config, "unit_size", 4),
             topk=getattr(config, "topk", 8),
             compression=getattr(config, "compression", 4),
+            rerotate=bool(getattr(config, "rerotate", True)),
         )
         if getattr(config, "enable_sparse", None) is not None:
             values["mode"] = "chunked" if config.enable_sparse else "dense"

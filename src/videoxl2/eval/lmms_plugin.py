@@ -7,8 +7,8 @@
 
 Model args: pretrained (checkpoint folder), device (default: this process's GPU, else cpu), dtype,
 max_frames_num / fps / max_fps (frame sampling), mode / block_size / prev_blocks / unit_size / topk /
-compression / offload (engine). Like the release's own wrapper, generation stops at <|im_end|> and ignores
-the task's `until` strings. Questions about the same video share one pre-fill.
+compression / rerotate / offload (engine). Like the release's own wrapper, generation stops at <|im_end|>
+and ignores the task's `until` strings. Questions about the same video share one pre-fill.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class VideoXL2(lmms):
         unit_size: int | None = None,
         topk: int | None = None,
         compression: int | None = None,
+        rerotate: bool | str | None = None,
         offload: bool = False,
         batch_size: int | str = 1,
         **unused,
@@ -83,6 +84,7 @@ class VideoXL2(lmms):
             unit_size=unit_size,
             topk=topk,
             compression=compression,
+            rerotate=None if rerotate is None else str(rerotate).lower() in ("1", "true", "yes"),
             offload=offload or None,
         )
         self.sampling = dict(

@@ -64,9 +64,10 @@ class ChatRequest(BaseModel):
     unit_size: int | None = Field(default=None, ge=1)
     topk: int | None = Field(default=None, ge=0)
     compression: int | None = Field(default=None, ge=1)
+    rerotate: bool | None = None
 
     def engine(self) -> dict:
-        names = ("mode", "block_size", "prev_blocks", "unit_size", "topk", "compression")
+        names = ("mode", "block_size", "prev_blocks", "unit_size", "topk", "compression", "rerotate")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def generation(self) -> dict:
