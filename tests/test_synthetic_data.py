@@ -168,3 +168,21 @@ def test_option_matching_drills_point_at_the_named_option():
         assert "video" not in record
         letters.add(letter)
     assert letters == set("ABCD")
+
+
+def test_option_matching_grid_drills_are_near_misses():
+    """`grid` drills list two colours x two shapes; grid 0 leaves the drills exactly as before."""
+    assert option_matching_records(40, seed=3, grid=0.0) == option_matching_records(40, seed=3)
+    records = option_matching_records(200, seed=3, grid=0.5)
+    grids = 0
+    for record in records:
+        question, answer = (t["value"] for t in record["conversations"])
+        options = [line.split(") ", 1)[1] for line in question.split("\n")[1:5]]
+        named, *verdicts, last = answer.split("\n")
+        letter = last.removeprefix("Answer: ")
+        assert options["ABCD".index(letter)] == named and len(set(options)) == 4
+        colours, shapes = ({o.split()[i] for o in options} for i in (0, 1))
+        grids += len(colours) == 2 and len(shapes) == 2
+    assert 70 <= grids <= 130, grids
+    with pytest.raises(InputError, match="grid must be in"):
+        option_matching_records(4, seed=3, grid=1.5)

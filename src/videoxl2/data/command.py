@@ -18,6 +18,12 @@ def add_arguments(parser) -> None:
         "--matching", type=int, default=0, help="add this many text-only option-matching drills"
     )
     parser.add_argument(
+        "--matching-grid",
+        type=float,
+        default=0.0,
+        help="share (0-1) of the drills whose options are two colours x two shapes (near misses)",
+    )
+    parser.add_argument(
         "--repeat-colour",
         type=float,
         default=0.0,
@@ -45,6 +51,7 @@ def run(args) -> int:
         args.matching,
         args.repeat_colour,
         args.choice_repeats,
+        args.matching_grid,
     )
     print(f"wrote {args.videos} videos, {args.matching} matching drills and {path}")
     return 0

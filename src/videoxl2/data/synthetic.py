@@ -207,19 +207,30 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def option_matching_records(count: int, seed: int) -> list[dict]:
+def option_matching_records(count: int, seed: int, grid: float = 0.0) -> list[dict]:
     """Text-only multiple-choice drills: the video question without a video, answered as a video would be.
 
     The name that opens the answer cannot be known without the video; everything after it (each option
     judged against that name, then the letter) is text work that video questions teach slowly (every one
-    costs a video) and these teach for the price of a few dozen tokens each.
+    costs a video) and these teach for the price of a few dozen tokens each. With `grid` (0-1), that share of
+    drills lists two colours x two shapes: every option is one word away from two others, so judging by
+    the colour (or the shape) alone fails, which random options rarely punish. Those draws come from a
+    generator of their own: with `grid` 0 the drills are the same as without it.
     """
+    if not 0.0 <= grid <= 1.0:
+        raise InputError(f"grid must be in [0, 1], got {grid}")
     rng = np.random.default_rng(seed)
+    grids = np.random.default_rng([seed, 2])
     names = sorted(f"{c} {s}" for c in COLOURS for s in SHAPES)
     records = []
     for index in range(count):
         options = [str(n) for n in rng.choice(names, size=4, replace=False)]
         answer = int(rng.integers(4))
+        if grid and grids.random() < grid:
+            colours = grids.choice(list(COLOURS), 2, replace=False)
+            shapes = grids.choice(SHAPES, 2, replace=False)
+            options = [f"{c} {s}" for c in colours for s in shapes]
+            options = [options[i] for i in grids.permutation(4)]
         listing = "\n".join(f"({letter}) {name}" for letter, name in zip(LETTERS, options))
         question = f"What was the first shape shown in the video?\n{listing}\n{CHOICE_SUFFIX}"
         records.append(
@@ -246,12 +257,14 @@ def make_dataset(
     matching: int = 0,
     repeat_colour: float = 0.0,
     choice_repeats: int = 0,
+    matching_grid: float = 0.0,
 ) -> Path:
     """Write `num_videos` videos and `<split>.json` (LLaVA format) + `data.yaml`.
 
     One entry per question, or with `multi_turn` one conversation per video asking every question in a random
     order: the video is encoded once for all its answers, which makes CPU training about 4x cheaper.
-    `matching` adds that many text-only option-matching drills (`option_matching_records`); `repeat_colour`
+    `matching` adds that many text-only option-matching drills (`option_matching_records`, `matching_grid`
+    of them with two colours x two shapes as options); `repeat_colour`
     goes to `random_spec`. `choice_repeats` (multi-turn only) asks the multiple-choice question that many
     more times per conversation, options drawn and ordered afresh each time: the letter changes while the
     video stays, so a habitual letter is wrong 3 times in 4 (it did not teach the demo model the look-up:
@@ -309,7 +322,7 @@ def make_dataset(
                     **q.extra,
                 }
             )
-    records += option_matching_records(matching, seed)
+    records += option_matching_records(matching, seed, grid=matching_grid)
     _write_atomic(out / f"{split}.json", json.dumps(records, indent=1))
     _write_atomic(out / "data.yaml", f"datasets:\n  - json_path: {split}.json\n    sampling_strategy: all\n")
     return out / f"{split}.json"
