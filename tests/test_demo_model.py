@@ -50,21 +50,23 @@ def test_new_videos_are_answered_in_dense_and_bilevel_modes(demo, tmp_path):
                     text = session.ask(q.question, generation_config={"max_new_tokens": 64}).text
                     right = normalize_text(text) == normalize_text(q.answer)
                     outcome.append((q.family, q.answer, text, right))
-    # Bars a little under the model card's held-out figures (83% dense, 77.5% bi-level on 200 questions):
+    # Bars a little under the model card's held-out figures (83% dense, 81.5% bi-level on 200 questions):
     # a regression check on ~37 questions, not a measurement.
     scores = {}
     for mode, outcome in results.items():
         scores[mode] = sum(ok for *_, ok in outcome) / len(outcome)
         wrong = [(family, truth, got) for family, truth, got, ok in outcome if not ok]
-        bar = 0.7 if mode == "dense" else 0.65
+        bar = 0.7
         assert scores[mode] >= bar, f"{mode}: {scores[mode]:.1%} right; wrong: {wrong}"
     choice = [ok for family, *_, ok in results["dense"] if family == "choice"]
     assert sum(choice) >= len(choice) / 2, f"multiple choice right in {sum(choice)} of {len(choice)}"
-    assert scores["bilevel"] >= scores["dense"] - 0.1, scores
+    assert scores["bilevel"] >= scores["dense"] - 0.06, scores
 
 
 def test_demo_command_runs_on_the_default_model(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--frames", "96"]) == 0
     out = capsys.readouterr().out
     assert "right in" in out and "truth:" in out
+    right = int(out.split(" right in")[0].rsplit("\n", 1)[-1].split("/")[0])
+    assert right >= 3, out
     assert len(list(tmp_path.glob("timeline-*.png"))) == 5

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 KEEP = ("model.safetensors", "tokenizer.json", "tokenizer_config.json")
-# Selection units of 2 groups (8 s at 1 fps) and 4 relevant units kept dense: on the demo's 192-frame
-# video that is 12 of 48 groups, so bi-level decoding has a real choice to make. Keys keep their pre-fill
-# positions: the model never saw contiguous re-rotated ones, and with them it reads "when" a group early
-# (34 of 43 held-out "when" questions right instead of 39; dense 42).
+# Selection units of 2 groups (8 s at 1 fps) and 4 relevant units kept dense: on the demo's 96-frame video
+# that is 6 of 12 units with the first and last, so bi-level decoding has a real choice to make. Keys keep
+# their pre-fill positions: the model never saw contiguous re-rotated ones, and with them it reads "when" a
+# group early (34 of 43 held-out "when" questions right instead of 39; dense 42).
 ENGINE = {"unit_size": 2, "topk": 4, "rerotate": False}
 # RoPE has no learned positions, so the limit only guards memory: room for V-NIAH's 4,096-frame haystacks.
 CONTEXT = 32768

@@ -17,7 +17,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     _model_args(parser)
     parser.add_argument("--out", default="videoxl2-demo", help="folder for the video and timeline PNGs")
-    parser.add_argument("--frames", type=int, default=192, help="video length in frames (default 192)")
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=96,
+        help="video length in frames (default 96: the demo model's training length)",
+    )
     parser.add_argument("--fps", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=["dense", "chunked", "bilevel"], default="bilevel")

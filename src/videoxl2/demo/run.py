@@ -41,7 +41,7 @@ def demo_spec(num_frames: int, fps: float, seed: int) -> VideoSpec:
 def run_demo(
     model_path,
     out_dir,
-    num_frames: int = 192,
+    num_frames: int = 96,
     fps: float = 1.0,
     seed: int = 0,
     mode: str = "bilevel",
