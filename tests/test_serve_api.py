@@ -83,6 +83,17 @@ def test_answer_usage_stats_and_models(client, media, tiny):
     ]
     assert all(u["end_seconds"] >= u["start_seconds"] for u in stats["selected_units"])
     assert [m.id for m in client.models.list().data] == ["model"]
+    # `rerotate` reaches the engine: the answer is the library's at pre-fill positions.
+    kept = client.chat.completions.create(
+        model="any", messages=video_message(media / "clip.mp4", "What is shown?"), max_tokens=8,
+        extra_body={"max_frames": 16, "mode": "bilevel", "unit_size": 1, "topk": 1, "rerotate": False},
+    )  # fmt: skip
+    session = VideoSession.from_path(
+        model, tokenizer, media / "clip.mp4", 16, 1.0, settings=engine.with_overrides(rerotate=False),
+        progress=False,
+    )  # fmt: skip
+    expected = session.ask("What is shown?", generation_config={"max_new_tokens": 8})
+    assert kept.choices[0].message.content == expected.text
 
 
 def test_stream_joins_to_the_plain_answer(client, media):
