@@ -18,6 +18,7 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install
 from lmms_eval.api.instance import Instance  # noqa: E402
 
 from videoxl2.engine.session import VideoSession  # noqa: E402
+from videoxl2.errors import InputError  # noqa: E402
 from videoxl2.eval.lmms_plugin import VideoXL2, continuation_logprob  # noqa: E402
 
 GEN = {
@@ -210,3 +211,12 @@ def test_python_m_lmms_eval_runs_our_model(tmp_path, videos, tiny_checkpoint):
     for sample, doc in zip(logged, docs):
         assert sample["input"] == doc["question"]
         assert sample["filtered_resps"] == direct_answer(model, doc["video"], doc["question"]).text
+
+
+def test_rerotate_model_arg_is_parsed_strictly(tiny_checkpoint):
+    """lmms-eval passes model args as text: "False" must mean false, and a typo must not pass silently."""
+    assert VideoXL2(pretrained=str(tiny_checkpoint), rerotate="False").settings.rerotate is False
+    assert VideoXL2(pretrained=str(tiny_checkpoint), rerotate=True).settings.rerotate is True
+    assert VideoXL2(pretrained=str(tiny_checkpoint)).settings.rerotate is True
+    with pytest.raises(InputError, match="rerotate must be true or false"):
+        VideoXL2(pretrained=str(tiny_checkpoint), rerotate="ture")

@@ -34,6 +34,16 @@ def manifest():
     return ModelManifest(model_id="videoxl2", simple_class_path=f"{__name__}.VideoXL2")
 
 
+def _flag(name: str, value) -> bool:
+    """A boolean model arg as lmms-eval passes it (a bool, or text such as "False")."""
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no"):
+        return False
+    raise InputError(f"model arg {name} must be true or false, got {value!r}")
+
+
 class VideoXL2(lmms):
     """Video-XL-2 for lmms-eval's simple (doc_to_visual) tasks: one video or image(s) per question."""
 
@@ -84,7 +94,7 @@ class VideoXL2(lmms):
             unit_size=unit_size,
             topk=topk,
             compression=compression,
-            rerotate=None if rerotate is None else str(rerotate).lower() in ("1", "true", "yes"),
+            rerotate=None if rerotate is None else _flag("rerotate", rerotate),
             offload=offload or None,
         )
         self.sampling = dict(
