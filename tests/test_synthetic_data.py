@@ -20,7 +20,7 @@ from videoxl2.data import (
     render_frame,
     write_video,
 )
-from videoxl2.data.synthetic import CHOICE_SUFFIX, option_matching_records
+from videoxl2.data.synthetic import CHOICE_SUFFIX, LIST_QUESTION, option_matching_records
 from videoxl2.video import iter_frame_batches, plan_sampling, probe_video
 
 
@@ -141,6 +141,28 @@ def test_choice_repeats_reshuffle_the_options_and_change_nothing_else(tmp_path):
             assert name == first and f"\n({letter}) {first}\n" in question
     with pytest.raises(InputError, match="--choice-repeats needs --multi-turn"):
         make_dataset(tmp_path / "c", 1, choice_repeats=2)
+
+
+def test_list_shapes_asks_for_every_needle_in_order_and_changes_nothing_else(tmp_path):
+    def dataset(name, listed):
+        path = make_dataset(tmp_path / name, 4, 5, (8, 32), multi_turn=True, list_shapes=listed)
+        return json.loads(path.read_text())
+
+    for before, after in zip(dataset("a", False), dataset("b", True), strict=True):
+        assert before["needles"] == after["needles"]
+        videos = (tmp_path / "a" / before["video"], tmp_path / "b" / after["video"])
+        assert videos[0].read_bytes() == videos[1].read_bytes()
+        turns = after["conversations"]
+        pairs = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(turns[::2], turns[1::2])]
+        listed = [answer for question, answer in pairs if question == LIST_QUESTION]
+        names = ["{colour} {shape}".format(**n) for n in after["needles"]]
+        assert listed == [", ".join(names)]
+        old = before["conversations"]
+        assert [pair for pair in pairs if pair[0] != LIST_QUESTION] == [
+            (q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(old[::2], old[1::2])
+        ]
+    with pytest.raises(InputError, match="--list-shapes needs --multi-turn"):
+        make_dataset(tmp_path / "c", 1, list_shapes=True)
 
 
 def test_repeat_colour_gives_counting_practice():

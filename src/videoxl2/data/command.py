@@ -35,6 +35,11 @@ def add_arguments(parser) -> None:
         default=0,
         help="with --multi-turn: ask the multiple-choice question this many more times, options reshuffled",
     )
+    parser.add_argument(
+        "--list-shapes",
+        action="store_true",
+        help="with --multi-turn: also ask for every shape shown, in order (more shape reading per video)",
+    )
 
 
 def run(args) -> int:
@@ -52,6 +57,7 @@ def run(args) -> int:
         args.repeat_colour,
         args.choice_repeats,
         args.matching_grid,
+        args.list_shapes,
     )
     print(f"wrote {args.videos} videos, {args.matching} matching drills and {path}")
     return 0

@@ -200,6 +200,14 @@ def questions(spec: VideoSpec, rng: np.random.Generator) -> list[Question]:
     return out
 
 
+LIST_QUESTION = "Name every shape shown, in order."
+
+
+def list_question(spec: VideoSpec) -> Question:
+    """Every needle by name, in order: a shape read per needle, for the price of a few answer tokens."""
+    return Question("list", LIST_QUESTION, ", ".join(n.name for n in spec.needles))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
@@ -258,6 +266,7 @@ def make_dataset(
     repeat_colour: float = 0.0,
     choice_repeats: int = 0,
     matching_grid: float = 0.0,
+    list_shapes: bool = False,
 ) -> Path:
     """Write `num_videos` videos and `<split>.json` (LLaVA format) + `data.yaml`.
 
@@ -269,12 +278,16 @@ def make_dataset(
     more times per conversation, options drawn and ordered afresh each time: the letter changes while the
     video stays, so a habitual letter is wrong 3 times in 4 (it did not teach the demo model the look-up:
     `training/demo/attempts/choice-repeats`). Those draws come from a generator of their own, so the videos
-    and the other questions are the same as without.
+    and the other questions are the same as without. `list_shapes` (multi-turn only) also asks for every
+    shape in order (`list_question`), at a position drawn from that same generator: more shape reading per
+    encoded video, the rest unchanged.
     """
     if num_videos < 0 or matching < 0 or num_videos + matching < 1:
         raise InputError(f"nothing to write: --videos {num_videos}, --matching {matching}")
     if choice_repeats < 0 or (choice_repeats and not multi_turn):
         raise InputError(f"--choice-repeats needs --multi-turn and a count >= 0, got {choice_repeats}")
+    if list_shapes and not multi_turn:
+        raise InputError("--list-shapes needs --multi-turn")
     low, high = frames_range
     if not GROUP <= low <= high:
         raise InputError(f"frames range must satisfy {GROUP} <= min <= max, got {low}..{high}")
@@ -294,6 +307,8 @@ def make_dataset(
             for _ in range(choice_repeats):
                 at = int(extra.integers(len(ordered) + 1))
                 ordered.insert(at, choice_question(spec.needles[0].name, extra))
+            if list_shapes:
+                ordered.insert(int(extra.integers(len(ordered) + 1)), list_question(spec))
             turns = []
             for position, q in enumerate(ordered):
                 prefix = "<image>\n" if position == 0 else ""
