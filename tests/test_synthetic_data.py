@@ -165,6 +165,28 @@ def test_list_shapes_asks_for_every_needle_in_order_and_changes_nothing_else(tmp
         make_dataset(tmp_path / "c", 1, list_shapes=True)
 
 
+def test_reading_first_opens_on_the_two_reading_questions_and_changes_nothing_else(tmp_path):
+    def dataset(name, chance):
+        path = make_dataset(tmp_path / name, 6, 3, (8, 24), multi_turn=True, reading_first=chance)
+        return json.loads(path.read_text())
+
+    openings = set()
+    for before, after in zip(dataset("a", 0.0), dataset("b", 1.0), strict=True):
+        assert before["needles"] == after["needles"]
+        videos = (tmp_path / "a" / before["video"], tmp_path / "b" / after["video"])
+        assert videos[0].read_bytes() == videos[1].read_bytes()
+        choice, rest = _turns(after)
+        opening = [q["value"].removeprefix("<image>\n") for q in after["conversations"][:4:2]]
+        assert set(opening) == {choice[0][0], "What was the first shape shown in the video?"}
+        openings.add(opening[0] == choice[0][0])
+        assert sorted(choice + rest) == sorted(sum(_turns(before), []))
+    assert openings == {True, False}  # both reading questions open some conversations
+    with pytest.raises(InputError, match="--reading-first needs --multi-turn"):
+        make_dataset(tmp_path / "c", 1, reading_first=0.5)
+    with pytest.raises(InputError, match="chance in \\[0, 1\\], got 1.5"):
+        make_dataset(tmp_path / "d", 1, multi_turn=True, reading_first=1.5)
+
+
 def test_repeat_colour_gives_counting_practice():
     def repeated(p):
         rng = np.random.default_rng(5)

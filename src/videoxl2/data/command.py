@@ -40,6 +40,12 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="with --multi-turn: also ask for every shape shown, in order (more shape reading per video)",
     )
+    parser.add_argument(
+        "--reading-first",
+        type=float,
+        default=0.0,
+        help="with --multi-turn: chance (0-1) that a conversation opens on the two shape-reading questions",
+    )
 
 
 def run(args) -> int:
@@ -58,6 +64,7 @@ def run(args) -> int:
         args.choice_repeats,
         args.matching_grid,
         args.list_shapes,
+        args.reading_first,
     )
     print(f"wrote {args.videos} videos, {args.matching} matching drills and {path}")
     return 0

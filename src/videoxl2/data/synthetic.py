@@ -267,6 +267,7 @@ def make_dataset(
     choice_repeats: int = 0,
     matching_grid: float = 0.0,
     list_shapes: bool = False,
+    reading_first: float = 0.0,
 ) -> Path:
     """Write `num_videos` videos and `<split>.json` (LLaVA format) + `data.yaml`.
 
@@ -280,7 +281,11 @@ def make_dataset(
     `training/demo/attempts/choice-repeats`). Those draws come from a generator of their own, so the videos
     and the other questions are the same as without. `list_shapes` (multi-turn only) also asks for every
     shape in order (`list_question`), at a position drawn from that same generator: more shape reading per
-    encoded video, the rest unchanged.
+    encoded video, the rest unchanged. `reading_first` (multi-turn only, 0-1) is the chance that a
+    conversation opens on the two questions that read the first shape (open, then multiple choice, or the
+    other way round), drawn from that generator too: the "when" and "order" questions and either reading
+    answer name the shape, so in a random order only about a quarter of the open answers have to read it
+    off the video; the rest can copy it from an earlier turn.
     """
     if num_videos < 0 or matching < 0 or num_videos + matching < 1:
         raise InputError(f"nothing to write: --videos {num_videos}, --matching {matching}")
@@ -288,6 +293,8 @@ def make_dataset(
         raise InputError(f"--choice-repeats needs --multi-turn and a count >= 0, got {choice_repeats}")
     if list_shapes and not multi_turn:
         raise InputError("--list-shapes needs --multi-turn")
+    if not 0.0 <= reading_first <= 1.0 or (reading_first and not multi_turn):
+        raise InputError(f"--reading-first needs --multi-turn and a chance in [0, 1], got {reading_first}")
     low, high = frames_range
     if not GROUP <= low <= high:
         raise InputError(f"frames range must satisfy {GROUP} <= min <= max, got {low}..{high}")
@@ -304,6 +311,11 @@ def make_dataset(
         if multi_turn:
             ordered = [asked[i] for i in rng.permutation(len(asked))]
             extra = np.random.default_rng([seed, index])
+            if reading_first and extra.random() < reading_first:
+                reading = [q for q in ordered if q.family in ("what", "choice")]
+                if extra.random() < 0.5:
+                    reading.reverse()
+                ordered = reading + [q for q in ordered if q.family not in ("what", "choice")]
             for _ in range(choice_repeats):
                 at = int(extra.integers(len(ordered) + 1))
                 ordered.insert(at, choice_question(spec.needles[0].name, extra))
