@@ -237,6 +237,70 @@ def test_training_ids_are_the_inference_ids(tmp_path, media):
     assert dataset.tokenizer.decode(spans(torch.tensor(labels[len(second) :]))[0]) == "Two.<|im_end|>\n"
 
 
+def test_independent_turns_train_each_question_as_if_asked_alone(tmp_path, media):
+    """A conversation with independent turns gives, branch by branch, the logits of each question asked
+    alone (the prompt `VideoSession` builds), in one forward with one encoding of the video."""
+    from videoxl2.engine.session import VideoSession
+
+    turns = [
+        *qa("<image>\nWhat colour?", "Red."), *qa("When?", "At 0:02, then again."), *qa("How many?", "2")
+    ]
+    records = [
+        {"id": "multi", "video": str(media / "v0.mp4"), "conversations": turns},
+        {"id": "text", "conversations": [*qa("Hi?", "Hello."), *qa("Bye?", "Goodbye.")]},
+        {"id": "one", "video": str(media / "v1.mp4"), "conversations": qa(f"<image>\n{QUESTION}", "Blue.")},
+    ]
+    (tmp_path / "multi.json").write_text(json.dumps(records))
+    config_path = write_config(tmp_path, media)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["data"].update(datasets=[{"json_path": str(tmp_path / "multi.json")}], independent_turns=True)
+    config_path.write_text(yaml.safe_dump(raw))
+    dataset, model = dataset_for(config_path)
+    model.eval()
+    tokenizer = dataset.tokenizer
+    items = [dataset[i] for i in range(3)]
+    batch = Collator(tokenizer.pad_token_id)(items)
+    assert batch["attention_mask"].shape == (3, 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    with torch.no_grad():
+        logits = model(**batch).logits
+
+    session = VideoSession.from_path(
+        model, tokenizer, media / "v0.mp4", max_num_frames=16, sample_fps=4, max_sample_fps=None
+    )
+    starts = items[0]["branch_starts"]
+    assert len(starts) == 3 and starts[0] == session.layout.video_end
+    ends = [*starts[1:], len(items[0]["input_ids"])]
+    worst = 0.0
+    for (question, answer), start, end in zip(zip(turns[0::2], turns[1::2]), starts, ends):
+        question, answer = question["value"].removeprefix("<image>\n"), answer["value"]
+        alone = torch.cat([session.layout.input_ids, session.question_ids(question)])
+        ids, labels, _ = encode_sample(tokenizer, [(question, answer)], session.group_seconds, model.config)
+        assert ids[: len(alone)] == alone.tolist()
+        # The branch holds exactly the single-question sample's tokens after the shared video prefix.
+        assert items[0]["input_ids"][start:end].tolist() == ids[session.layout.video_end :]
+        assert items[0]["labels"][start:end].tolist() == labels[session.layout.video_end :]
+        with torch.no_grad():
+            single = model(input_ids=torch.tensor([ids]), pixel_values=[items[0]["pixel_values"]]).logits[0]
+        error = (logits[0, start:end] - single[session.layout.video_end :]).abs().max().item()
+        worst = max(worst, error)
+    assert worst <= 1e-5, f"branch logits vs the question asked alone: max abs error {worst:.2e}"
+    # Prefix logits are the plain causal ones; a one-turn sample is the plain encoding, plainly attended.
+    with torch.no_grad():
+        one = items[2]
+        plain = model(input_ids=one["input_ids"][None], pixel_values=[one["pixel_values"]]).logits[0]
+    n = len(items[2]["input_ids"])
+    error = (logits[2, :n] - plain).abs().max().item()
+    assert error <= 1e-5, f"one-turn sample vs plain forward: max abs error {error:.2e}"
+    # Text-only turns branch after the system prompt and user tag; the second sees nothing of the first.
+    text_starts = items[1]["branch_starts"]
+    decoded = [tokenizer.decode(items[1]["input_ids"][a:b]) for a, b in
+               zip(text_starts, [*text_starts[1:], len(items[1]["input_ids"])])]  # fmt: skip
+    assert decoded[1].startswith("Bye?<|im_end|>") and "Hello" not in decoded[1]
+    assert not batch["attention_mask"][1, 0, text_starts[1], text_starts[0] : text_starts[1]].any()
+    assert batch["position_ids"][1, text_starts[1]] == text_starts[0]
+    assert torch.isfinite(model(**batch).loss)
+
+
 def test_truncation_never_cuts_the_video(tmp_path, media):
     dataset, _ = dataset_for(write_config(tmp_path, media))
     full = dataset[0]

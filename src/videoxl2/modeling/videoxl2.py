@@ -139,7 +139,8 @@ class VideoXL2ForCausalLM(PreTrainedModel):
         or ready `video_embeds` fill the placeholder positions of `input_ids`, row by row. `visual_features`
         (one `visual_features` output per video, in row order) stand for frames whose vision side is frozen:
         only the projector runs on them.
-        Everything else (`attention_mask`, `position_ids`, `past_key_values`, `labels`, ...) goes to Qwen2.
+        Everything else (`attention_mask`, `position_ids`, `past_key_values`, `labels`, ...) goes to Qwen2; a
+        4-D boolean `attention_mask` (custom visibility, True = may attend) is made additive first.
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -150,7 +151,21 @@ class VideoXL2ForCausalLM(PreTrainedModel):
                 videos = pixel_values if isinstance(pixel_values, (list, tuple)) else [pixel_values]
                 video_embeds = torch.cat([self.encode_video(frames) for frames in videos])
             inputs_embeds = self.embed_inputs(input_ids, video_embeds)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim == 4 and mask.dtype == torch.bool:
+            kwargs["attention_mask"] = self.additive_mask(mask, inputs_embeds.dtype)
         return self.language_model(inputs_embeds=inputs_embeds, **kwargs)
+
+    def additive_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A custom (batch, 1, L, L) boolean mask (True = may attend; training's independent turns) as the
+        additive float mask that transformers' eager and SDPA attention both take as given."""
+        if self.config.text_config._attn_implementation not in ("eager", "sdpa"):
+            raise InputError(
+                "a 4-D attention mask (independent turns) needs attn_implementation eager or sdpa, not "
+                f"{self.config.text_config._attn_implementation}"
+            )
+        blocked = torch.finfo(dtype).min
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, blocked)
 
     # -- the seed API ---------------------------------------------------------------------------------
     def chat(

@@ -13,6 +13,12 @@ A sample is `{"id", "video": path | "image": path | neither, "conversations": [{
 `build_layout`'s `Time {t}s:` + placeholders for the video, then answers and later turns piece by piece as
 `build_prompt` writes them. Only answers and their closing `<|im_end|>\\n` are supervised (the release also
 supervises every turn's `<|im_start|>`/`<|im_end|>\\n`, which teaches the model nothing about answers).
+
+With `independent_turns: true` (data settings) every turn of a sample is trained as if it were asked alone:
+the media prefix is laid out once and each question + answer follows it as a branch that sees the prefix and
+itself only (a tree attention mask, positions restarting after the prefix). One encoding of a video then
+trains several single-question answers with exactly the tokens, positions and visibility an inference
+question has, and no answer can be copied from another turn.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class DataSettings:
     fps_upbound: float | None = None
     model_max_length: int = 8192
     check_media: bool = True  # stat every media file at start (one error listing all missing ones)
+    independent_turns: bool = False  # every turn a branch after the media prefix, as if asked alone
 
 
 @dataclass
@@ -223,6 +230,49 @@ def encode_sample(
     return ids, labels, video_end
 
 
+def encode_branches(
+    tokenizer, turns: list[tuple[str, str]], group_seconds: list[float] | None, config
+) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, labels and branch starts of a conversation whose turns are independent questions.
+
+    `ids[:starts[0]]` is the shared prefix (system prompt, user tag and the video: everything before the
+    text that follows `<image>`); branch `i` runs from `starts[i]` to the next start and holds question `i`
+    and its answer with the tokens a single-question prompt gives them (`build_layout`'s suffix, as
+    `VideoSession` feeds it). A one-turn conversation is the plain `encode_sample` with one branch.
+    """
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    if len(turns) == 1:  # one branch: plain causal attention over the plain encoding
+        ids, labels, video_end = encode_sample(tokenizer, turns, group_seconds, config)
+        return ids, labels, [video_end]
+    before = build_prompt(turns[0][0]).split(IMAGE_MARKER)[0]
+    if group_seconds is None:
+        ids = encode(before)
+    else:
+        ids = build_layout(tokenizer, before + IMAGE_MARKER, group_seconds, config.tokens_per_group,
+                           config.video_token_id).input_ids.tolist()  # fmt: skip
+    labels = [IGNORE_INDEX] * len(ids)
+    closing, starts = encode("<|im_end|>\n"), []
+    for question, answer in turns:
+        after = build_prompt(question).split(IMAGE_MARKER)[1]
+        piece = encode(after if group_seconds is not None else after.removeprefix("\n"))
+        answer_ids = encode(answer) + closing
+        starts.append(len(ids))
+        ids += piece + answer_ids
+        labels += [IGNORE_INDEX] * len(piece) + answer_ids
+    return ids, labels, starts
+
+
+def branch_ids(length: int, starts: list[int] | None) -> torch.Tensor:
+    """Per token: -1 in the shared prefix (or everywhere for a plain conversation), else its branch."""
+    out = torch.full((length,), -1, dtype=torch.long)
+    for number, start in enumerate(starts or []):
+        out[start:] = number
+    return out
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """Samples decoded on access: frames sampled as at inference, preprocessed for SigLIP, tokenised."""
 
@@ -281,9 +331,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 seconds = self.group_seconds(sample, self.plan(sample))
             else:
                 seconds = None
-            ids = encode_sample(self.tokenizer, sample.turns, seconds, self.config)[0]
+            ids = self.encode(sample, seconds)[0]
             out.append(min(len(ids), self.settings.model_max_length))
         return out
+
+    def encode(self, sample: Sample, seconds) -> tuple[list[int], list[int], int, list[int] | None]:
+        """(ids, labels, end of the video part, branch starts or None) as the settings lay turns out."""
+        if not self.settings.independent_turns:
+            return (*encode_sample(self.tokenizer, sample.turns, seconds, self.config), None)
+        ids, labels, starts = encode_branches(self.tokenizer, sample.turns, seconds, self.config)
+        return ids, labels, starts[0] if seconds is not None else 0, starts
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
@@ -291,7 +348,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         pixels = None
         if features is None:
             pixels, seconds = self.frames(sample, plan)
-        ids, labels, video_end = encode_sample(self.tokenizer, sample.turns, seconds, self.config)
+        ids, labels, video_end, starts = self.encode(sample, seconds)
         limit = self.settings.model_max_length
         if len(ids) > limit:
             # Cut the tail only: a cut inside the video would orphan visual embeddings.
@@ -301,11 +358,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     "before the first answer: lower frames_upbound or raise model_max_length"
                 )
             ids, labels = ids[:limit], labels[:limit]
+            starts = None if starts is None else [s for s in starts if s < limit]
         item = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "pixel_values": pixels,
         }
+        if starts is not None:
+            item["branch_starts"] = starts
         if key is not None:
             item.update(feature_key=key, visual_features=features)
         return item
@@ -316,7 +376,12 @@ class Collator:
     """Right-pads a batch; `pixel_values` is the list of per-sample frame tensors in row order (text-only
     rows have none), which is what `VideoXL2ForCausalLM.forward` expects. With a feature store the media
     rows also give `feature_keys` and `visual_features` (None where not stored yet, frames given instead),
-    which the trainer completes and stores before the forward."""
+    which the trainer completes and stores before the forward.
+
+    Items with `branch_starts` (independent turns) make the batch carry a 4-D boolean attention mask
+    (batch, 1, L, L; True = may attend) and `position_ids`: a branch token sees the shared prefix and the
+    earlier tokens of its own branch, and its positions continue from the prefix's end. Padding sees only
+    padding (a query that sees nothing would make the attention NaN)."""
 
     pad_token_id: int
 
@@ -329,6 +394,8 @@ class Collator:
             n = len(item["input_ids"])
             ids[row, :n], labels[row, :n], mask[row, :n] = item["input_ids"], item["labels"], 1
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if any("branch_starts" in item for item in items):
+            batch.update(self.branch_masks(items, length))
         media = [i for i in items if (i.get("pixel_values"), i.get("visual_features")) != (None, None)]
         if any("feature_key" in item for item in media):
             batch["feature_keys"] = [item["feature_key"] for item in media]
@@ -337,3 +404,18 @@ class Collator:
         elif media:
             batch["pixel_values"] = [item["pixel_values"] for item in media]
         return batch
+
+    @staticmethod
+    def branch_masks(items: list[dict], length: int) -> dict:
+        masks = torch.zeros((len(items), 1, length, length), dtype=torch.bool)
+        positions = torch.arange(length).repeat(len(items), 1)
+        causal = torch.ones((length, length), dtype=torch.bool).tril()
+        for row, item in enumerate(items):
+            n, starts = len(item["input_ids"]), item.get("branch_starts") or []
+            branch = torch.full((length,), -2, dtype=torch.long)  # -2: padding
+            branch[:n] = branch_ids(n, starts)
+            masks[row, 0] = causal & ((branch[None, :] == -1) | (branch[None, :] == branch[:, None]))
+            masks[row, 0, n:, :n] = False
+            for start, end in zip(starts, [*starts[1:], n]):
+                positions[row, start:end] = torch.arange(end - start) + starts[0]
+        return {"attention_mask": masks, "position_ids": positions}
