@@ -187,6 +187,41 @@ def test_reading_first_opens_on_the_two_reading_questions_and_changes_nothing_el
         make_dataset(tmp_path / "d", 1, multi_turn=True, reading_first=1.5)
 
 
+def test_every_needle_asks_about_the_later_needles_and_changes_nothing_else(tmp_path):
+    def dataset(name, every):
+        path = make_dataset(tmp_path / name, 12, 8, (12, 40), multi_turn=True, every_needle=every)
+        return json.loads(path.read_text())
+
+    added = 0
+    for before, after in zip(dataset("a", False), dataset("b", True), strict=True):
+        assert before["needles"] == after["needles"]
+        videos = (tmp_path / "a" / before["video"], tmp_path / "b" / after["video"])
+        assert videos[0].read_bytes() == videos[1].read_bytes()
+        old, new = (sum(_turns(r), []) for r in (before, after))
+        extra = [pair for pair in new if pair not in old]
+        assert sorted(pair for pair in new if pair in old) == sorted(old)
+        needles = after["needles"]
+        names = ["{colour} {shape}".format(**n) for n in needles]
+        for question, answer in extra:
+            if question.startswith("When did the "):
+                name = question.removeprefix("When did the ").removesuffix(" appear?")
+                assert name != names[0] and answer == f"{float(needles[names.index(name)]['start_frame'])}s"
+            elif question.startswith("How many times did a "):
+                colour = question.split()[5]
+                assert colour != needles[0]["colour"]
+                assert answer == str(sum(n["colour"] == colour for n in needles))
+            else:
+                a, b = question.removeprefix("Which came first, the ").removesuffix("?").split(" or the ")
+                assert names[0] not in (a, b) and answer == min((a, b), key=names.index)
+        unique = len(set(names))
+        colours = {n["colour"] for n in needles} - {needles[0]["colour"]}
+        assert len(extra) == (unique - 1) + len(colours) + (unique - 1) * (unique - 2) // 2
+        added += len(extra)
+    assert added > 6
+    with pytest.raises(InputError, match="--every-needle needs --multi-turn"):
+        make_dataset(tmp_path / "c", 1, every_needle=True)
+
+
 def test_repeat_colour_gives_counting_practice():
     def repeated(p):
         rng = np.random.default_rng(5)

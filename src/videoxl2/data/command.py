@@ -46,6 +46,12 @@ def add_arguments(parser) -> None:
         default=0.0,
         help="with --multi-turn: chance (0-1) that a conversation opens on the two shape-reading questions",
     )
+    parser.add_argument(
+        "--every-needle",
+        action="store_true",
+        help="with --multi-turn: also ask when/how many/which first about the later needles "
+        "(for training with independent_turns)",
+    )
 
 
 def run(args) -> int:
@@ -65,6 +71,7 @@ def run(args) -> int:
         args.matching_grid,
         args.list_shapes,
         args.reading_first,
+        args.every_needle,
     )
     print(f"wrote {args.videos} videos, {args.matching} matching drills and {path}")
     return 0

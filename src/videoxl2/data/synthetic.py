@@ -200,6 +200,28 @@ def questions(spec: VideoSpec, rng: np.random.Generator) -> list[Question]:
     return out
 
 
+def later_needle_questions(spec: VideoSpec, rng: np.random.Generator) -> list[Question]:
+    """"When", "how many" and "which came first" about the later needles too: `questions` asks them about
+    the first needle only, so a video with three needles trains one time read out of three. Same families,
+    same wordings, exact answers (a name shown twice is timed at its first showing, as `questions` does)."""
+    first, out = spec.needles[0], []
+    distinct: list[Needle] = []  # the first showing of each name, in order
+    for needle in spec.needles:
+        if all(needle.name != seen.name for seen in distinct):
+            distinct.append(needle)
+    for needle in distinct[1:]:
+        answer = f"{spec.seconds(needle.start_frame)}s"
+        out.append(Question("when", f"When did the {needle.name} appear?", answer))
+    for colour in dict.fromkeys(n.colour for n in spec.needles if n.colour != first.colour):
+        count = sum(n.colour == colour for n in spec.needles)
+        out.append(Question("count", f"How many times did a {colour} shape appear?", str(count)))
+    for i, earlier in enumerate(distinct[1:], start=1):
+        for later in distinct[i + 1 :]:
+            a, b = (earlier, later) if rng.random() < 0.5 else (later, earlier)
+            out.append(Question("order", f"Which came first, the {a.name} or the {b.name}?", earlier.name))
+    return out
+
+
 LIST_QUESTION = "Name every shape shown, in order."
 
 
@@ -268,6 +290,7 @@ def make_dataset(
     matching_grid: float = 0.0,
     list_shapes: bool = False,
     reading_first: float = 0.0,
+    every_needle: bool = False,
 ) -> Path:
     """Write `num_videos` videos and `<split>.json` (LLaVA format) + `data.yaml`.
 
@@ -285,7 +308,9 @@ def make_dataset(
     conversation opens on the two questions that read the first shape (open, then multiple choice, or the
     other way round), drawn from that generator too: the "when" and "order" questions and either reading
     answer name the shape, so in a random order only about a quarter of the open answers have to read it
-    off the video; the rest can copy it from an earlier turn.
+    off the video; the rest can copy it from an earlier turn. `every_needle` (multi-turn only) adds the
+    `later_needle_questions` at random positions (same generator): meant for training with
+    `independent_turns`, where a turn sees none of the others and each extra question costs a few tokens.
     """
     if num_videos < 0 or matching < 0 or num_videos + matching < 1:
         raise InputError(f"nothing to write: --videos {num_videos}, --matching {matching}")
@@ -293,6 +318,8 @@ def make_dataset(
         raise InputError(f"--choice-repeats needs --multi-turn and a count >= 0, got {choice_repeats}")
     if list_shapes and not multi_turn:
         raise InputError("--list-shapes needs --multi-turn")
+    if every_needle and not multi_turn:
+        raise InputError("--every-needle needs --multi-turn")
     if not 0.0 <= reading_first <= 1.0 or (reading_first and not multi_turn):
         raise InputError(f"--reading-first needs --multi-turn and a chance in [0, 1], got {reading_first}")
     low, high = frames_range
@@ -321,6 +348,9 @@ def make_dataset(
                 ordered.insert(at, choice_question(spec.needles[0].name, extra))
             if list_shapes:
                 ordered.insert(int(extra.integers(len(ordered) + 1)), list_question(spec))
+            if every_needle:
+                for question in later_needle_questions(spec, extra):
+                    ordered.insert(int(extra.integers(len(ordered) + 1)), question)
             turns = []
             for position, q in enumerate(ordered):
                 prefix = "<image>\n" if position == 0 else ""
