@@ -117,14 +117,17 @@ def test_blank_line_after_marker_survives():
     assert "user\n<image>\n\nWhich option?" in build_prompt("\nWhich option?")
 
 
-def test_tiny_tokenizer_splits_digits_and_keeps_names_whole(tokenizer):
-    """A time is the same digit tokens in the prompt and in an answer; a colour or shape name is one token."""
+def test_tiny_tokenizer_keeps_seconds_and_names_whole(tokenizer):
+    """A time is the same tokens in the prompt and in an answer, a whole second up to 199 one token; a
+    colour or shape name is one token."""
 
     def pieces(text):
         return [tokenizer.decode([i]) for i in tokenizer(text)["input_ids"]]
 
-    assert pieces("Time 56.0s:") == ["Time", " ", "5", "6", ".", "0", "s", ":"]
-    assert pieces("56.0s") == ["5", "6", ".", "0", "s"]
+    assert pieces("Time 56.0s:") == ["Time", " ", "56", ".", "0", "s", ":"]
+    assert pieces("56.0s") == ["56", ".", "0", "s"]
+    assert all(pieces(f"Time {n}.0s:")[2] == str(n) for n in range(200))
+    assert pieces("Time 4092.0s:")[2:-4] == pieces("4092.0s")[:-3]  # longer numbers: same pieces both ways
     assert pieces("(B) magenta triangle") == ["(", "B", ")", " magenta", " triangle"]
     text = "Time 1234.5s: (A) cyan cross\n<|im_end|>"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text

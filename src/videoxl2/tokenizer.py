@@ -4,10 +4,11 @@ The released model uses Qwen2.5's tokenizer from its checkpoint folder. Tiny mod
 the bundled demo model) need one that is built here, offline, in milliseconds, and that round-trips any
 text (byte level), so the same prompt code runs unchanged on both.
 
-Like Qwen2's, it splits text into words and single digits before BPE: a number is then the same digit
-tokens wherever it appears ("Time 56.0s:" in the prompt, "56.0s" in an answer), so a small model answers
-"when" by copying tokens instead of learning a map from ' 56' to '5','6'; and the merges go to words, so a
-colour or shape name is one token, not three.
+It splits text into words and digit runs of up to three before BPE (Qwen2 splits single digits; GPT-4's
+tokenizer splits runs of three): a number is then the same tokens wherever it appears ("Time 56.0s:" in the
+prompt, "56.0s" in an answer), so a small model answers "when" by copying tokens, and every whole second up
+to 199 is one token (the corpus lists them), so that copy is one token, not a digit sequence whose length
+varies. The merges go to words, so a colour or shape name is one token, not three.
 """
 
 from __future__ import annotations
@@ -30,15 +31,20 @@ _BASE_CORPUS = [
     "What was the first shape shown in the video? When did the red square appear? How many times did a",
     "green circle, blue triangle, yellow cross, magenta square, cyan circle? Which came first, the or the",
     "Answer with the shape, then its option's letter. The first shape shown was a Which option is it?",
+    "Name the shape, compare colour and shape with each option, then give the letter.",
+    "colour yes, shape no, so no colour no, shape yes, so no colour yes, shape yes, so yes Answer:",
+    # Whole seconds: every number up to 199 merged into one token (times and counts of the demo's videos).
+    " ".join(str(n) for n in range(200)) * 3,
 ]
-# Qwen2's pre-tokenizer pattern: letters with one leading non-letter, single digits, punctuation runs, spaces.
+# Qwen2's pre-tokenizer pattern (letters with one leading non-letter, punctuation runs, spaces) with digit
+# runs of up to three instead of single digits.
 _SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 
-def build_tiny_tokenizer(extra_corpus: Iterable[str] = (), vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(extra_corpus: Iterable[str] = (), vocab_size: int = 768) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on a fixed built-in corpus (+ `extra_corpus`); deterministic."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
