@@ -59,7 +59,12 @@ def test_questions_have_exact_answers():
     assert len(set(options)) == 4 and f"\n({letter}) red square\n" in choice.question
     name, *verdicts, last = choice.answer.split("\n")
     assert name == "red square" and last == f"Answer: {letter}"
-    assert verdicts == [f"({x}) {o}: {'yes' if x == letter else 'no'}" for x, o in zip("ABCD", options)]
+    yes = lambda same: "yes" if same else "no"  # noqa: E731
+    assert verdicts == [
+        f"({x}) {o}: colour {yes(o.startswith('red '))}, shape {yes(o.endswith(' square'))}, "
+        f"so {yes(x == letter)}"
+        for x, o in zip("ABCD", options)
+    ]
 
 
 def test_random_specs_are_deterministic_and_on_group_boundaries():
@@ -242,8 +247,14 @@ def test_option_matching_drills_point_at_the_named_option():
         named, *verdicts, last = answer.split("\n")
         letter = last.removeprefix("Answer: ")
         assert question.startswith("What was the first shape shown in the video?\n")
-        assert f"({letter}) {named}\n" in question and f"({letter}) {named}: yes" in verdicts
-        assert sum(v.endswith(": yes") for v in verdicts) == 1 and len(verdicts) == 4
+        assert f"({letter}) {named}\n" in question
+        assert f"({letter}) {named}: colour yes, shape yes, so yes" in verdicts
+        assert sum(v.endswith("so yes") for v in verdicts) == 1 and len(verdicts) == 4
+        for line in verdicts:  # each word judged against the name, then both
+            option = line.split(") ", 1)[1].split(":")[0].split()
+            colour, shape = (word == own for word, own in zip(option, named.split()))
+            yes = lambda same: "yes" if same else "no"  # noqa: E731
+            assert line.endswith(f"colour {yes(colour)}, shape {yes(shape)}, so {yes(colour and shape)}")
         assert "video" not in record
         letters.add(letter)
     assert letters == set("ABCD")

@@ -32,20 +32,29 @@ COLOURS = {
 SHAPES = ("square", "circle", "triangle", "cross")
 GROUP = 4  # frames per group: a needle fills exactly one
 FAMILIES = ("what", "choice", "when", "count", "order")
-# Multiple choice is answered by naming the shape, then judging each option against that name, then the
-# letter ("green square\n(A) red circle: no\n(B) green square: yes\n...\nAnswer: B"). A model this small
-# names what it saw far more easily than it maps a seen shape to a letter, and copying the letter that follows
-# a name it wrote itself is an induction copy it learns badly; copying each option by its letter (a one-token
-# key in a fixed order) and comparing two names in the text it has just written is learnt
-# (`training/demo/attempts/verdicts/`).
-CHOICE_SUFFIX = "Name the shape, check each option, then give the letter."
+# Multiple choice is answered by naming the shape, then judging each option against that name word by word,
+# then the letter ("green square\n(A) red circle: colour no, shape no, so no\n(B) green square: colour yes,
+# shape yes, so yes\n...\nAnswer: B"). A model this small names what it saw far more easily than it maps a
+# seen shape to a letter, and copying the letter that follows a name it wrote itself is an induction copy it
+# learns badly; copying each option by its letter (a one-token key in a fixed order) and comparing it with the
+# name just written is learnt (`training/demo/attempts/verdicts/`). Judged as a whole ("...: yes"), an option
+# sharing one word with the name was often taken; one comparison per word, then their conjunction, is three
+# one-step judgements instead of one two-word one.
+CHOICE_SUFFIX = "Name the shape, compare colour and shape with each option, then give the letter."
 LETTERS = "ABCD"
 
 
 def choice_answer(options: list[str], answer: int) -> str:
-    """The multiple-choice answer for `options[answer]`: its name, a yes/no line per option, the letter."""
-    verdicts = [f"({letter}) {name}: {'yes' if i == answer else 'no'}" for i, (letter, name) in
-                enumerate(zip(LETTERS, options))]  # fmt: skip
+    """The multiple-choice answer for `options[answer]`: its name, a line per option judging its colour, its
+    shape and both against the name, then the letter."""
+    colour, shape = options[answer].split()
+    yes = lambda same: "yes" if same else "no"  # noqa: E731
+    verdicts = []
+    for letter, name in zip(LETTERS, options):
+        own_colour, own_shape = name.split()
+        same_colour, same_shape = own_colour == colour, own_shape == shape
+        verdicts.append(f"({letter}) {name}: colour {yes(same_colour)}, shape {yes(same_shape)}, "
+                        f"so {yes(same_colour and same_shape)}")  # fmt: skip
     return "\n".join([options[answer], *verdicts, f"Answer: {LETTERS[answer]}"])
 
 

@@ -73,7 +73,7 @@ def run_demo(
         )  # fmt: skip
         session.prefill()
         for number, q in enumerate(questions(spec, np.random.default_rng(seed))):
-            answer = session.ask(q.question, generation_config={"max_new_tokens": 64})
+            answer = session.ask(q.question, generation_config={"max_new_tokens": 128})
             picture = plot_timeline(
                 answer.stats["units"],
                 out / f"timeline-{number}-{q.family}.png",

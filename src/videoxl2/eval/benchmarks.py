@@ -77,7 +77,8 @@ BENCHMARKS = {
         ),
         Benchmark(
             "synthetic", "LLaVA-style JSON, exact match per family (the demo model's synthetic suite)",
-            synthetic.load, synthetic.judge, synthetic.summarize, 64, 256, ("exact",),
+            # 128 new tokens: a multiple-choice answer judges every option in words (~68 tokens).
+            synthetic.load, synthetic.judge, synthetic.summarize, 128, 256, ("exact",),
         ),
     )
 }  # fmt: skip
