@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p work
 videoxl2 make-data work/clips --videos 3000 --seed 6 --frames-min 4 --frames-max 4 --multi-turn --matching 3000
-videoxl2 make-data work/videos --videos 2500 --seed 11 --frames-min 8 --frames-max 96 --multi-turn --reading-first 0.5
-videoxl2 make-data work/videos2 --videos 1500 --seed 13 --frames-min 8 --frames-max 96 --multi-turn --reading-first 0.5
+videoxl2 make-data work/videos --videos 2500 --seed 11 --frames-min 8 --frames-max 96 --multi-turn --every-needle
+videoxl2 make-data work/videos2 --videos 1500 --seed 13 --frames-min 8 --frames-max 96 --multi-turn --every-needle
 videoxl2 make-data work/heldout --videos 60 --seed 12345 --frames-min 8 --frames-max 96 --split test
 videoxl2 train --config stage1.yaml
 videoxl2 train --config stage2.yaml
