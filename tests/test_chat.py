@@ -249,3 +249,20 @@ def test_from_frames_streams(tiny):
     with pytest.raises(InputError):
         VideoSession.from_frames(model, tokenizer, frames, [0.0])
     assert torch.is_tensor(session.memory.keys[0])
+
+
+def test_streamed_answer_text_is_always_a_prefix_of_the_final_answer():
+    """Streaming decodes the answer so far the way the final answer is decoded: special tokens dropped,
+    an ending that may still become a stop string held back until it is known."""
+    from videoxl2 import load_tokenizer
+    from videoxl2.generation import GenerationSettings, decode_answer
+    from videoxl2.defaults import DEFAULT_MODEL
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    settings = GenerationSettings.from_dict({"stop": ["red circle"]})
+    ids = tokenizer.encode("green square<|im_start|> and a red circle after", add_special_tokens=False)
+    final = decode_answer(tokenizer, ids, settings)
+    assert final == "green square and a", final
+    shown = [decode_answer(tokenizer, ids[: n + 1], settings, partial=True) for n in range(len(ids))]
+    assert all(final.startswith(text) for text in shown), shown
+    assert "red" not in "".join(shown), shown  # "red" might have begun the stop string: never shown

@@ -121,8 +121,18 @@ def generate_tokens(
     return generated
 
 
-def decode_answer(tokenizer, token_ids: list[int], settings: GenerationSettings) -> str:
-    text = tokenizer.decode(token_ids, skip_special_tokens=False)
+def decode_answer(tokenizer, token_ids, settings: GenerationSettings, partial: bool = False) -> str:
+    """The answer's text: special tokens dropped (as chat APIs return it), cut at the first stop string,
+    stripped. `partial` is for text shown while tokens still come: it also holds back a trailing
+    half of a multi-byte character and an ending that may still grow into a stop string, so what is
+    streamed is always a prefix of the final answer."""
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    stopped = False
     for stop in settings.stop_strings:
-        text = text.split(stop)[0]
+        if stop and stop in text:
+            text, stopped = text.split(stop)[0], True
+    if partial and not stopped:
+        text = text.rstrip("\ufffd")
+        growing = [k for s in settings.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])]
+        text = text[: len(text) - max(growing, default=0)]
     return text.strip()

@@ -166,9 +166,8 @@ class VideoChatService:
                     session.prefill()
                     self.cache.put(key, session)
                 prepared = time.perf_counter()
-                answer = session.ask(
-                    job.question, job.history, job.generation, on_token=self._streamer(on_text, cancel)
-                )
+                on_token = self._streamer(on_text, cancel, job.generation)
+                answer = session.ask(job.question, job.history, job.generation, on_token=on_token)
         finally:
             if path.is_relative_to(self.scratch):
                 path.unlink(missing_ok=True)
@@ -202,9 +201,12 @@ class VideoChatService:
             ),
         )
 
-    def _streamer(self, on_text, cancel: threading.Event | None):
-        """An `on_token` hook: stops on cancel and passes text deltas on. Trailing whitespace is held back,
-        because the final answer is stripped: the deltas always join to exactly the answer's text."""
+    def _streamer(self, on_text, cancel: threading.Event | None, generation: dict):
+        """An `on_token` hook: stops on cancel and passes text deltas on. Each text is the answer so far as
+        `decode_answer` will give it at the end, so the deltas always join to exactly the answer's text."""
+        from ..generation import GenerationSettings, decode_answer
+
+        settings = GenerationSettings.from_dict(generation)
         generated: list[int] = []
         sent = ""
 
@@ -215,8 +217,7 @@ class VideoChatService:
             if on_text is None:
                 return
             generated.append(token)
-            # A trailing U+FFFD may be the first half of a multi-byte character: wait for the rest.
-            text = self.tokenizer.decode(generated, skip_special_tokens=True).strip().rstrip("\ufffd")
+            text = decode_answer(self.tokenizer, generated, settings, partial=True)
             if text.startswith(sent) and len(text) > len(sent):
                 on_text(text[len(sent) :])
                 sent = text
