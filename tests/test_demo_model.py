@@ -50,16 +50,16 @@ def test_new_videos_are_answered_in_dense_and_bilevel_modes(demo, tmp_path):
                     text = session.ask(q.question, generation_config={"max_new_tokens": 128}).text
                     right = normalize_text(text) == normalize_text(q.answer)
                     outcome.append((q.family, q.answer, text, right))
-    # Bars under the model card's held-out figures (88% dense, 88.5% bi-level on 200 questions):
-    # a regression check on ~37 questions, not a measurement.
+    # Bars under the model card's held-out figures (95% dense, 94.5% bi-level on 200 questions; 35 of 37
+    # here in both modes): a regression check on 37 questions, not a measurement.
     scores = {}
     for mode, outcome in results.items():
         scores[mode] = sum(ok for *_, ok in outcome) / len(outcome)
         wrong = [(family, truth, got) for family, truth, got, ok in outcome if not ok]
-        bar = 0.7
+        bar = 0.85
         assert scores[mode] >= bar, f"{mode}: {scores[mode]:.1%} right; wrong: {wrong}"
     choice = [ok for family, *_, ok in results["dense"] if family == "choice"]
-    assert sum(choice) >= len(choice) / 2, f"multiple choice right in {sum(choice)} of {len(choice)}"
+    assert sum(choice) >= len(choice) - 1, f"multiple choice right in {sum(choice)} of {len(choice)}"
     assert scores["bilevel"] >= scores["dense"] - 0.06, scores
 
 
