@@ -255,8 +255,8 @@ def test_streamed_answer_text_is_always_a_prefix_of_the_final_answer():
     """Streaming decodes the answer so far the way the final answer is decoded: special tokens dropped,
     an ending that may still become a stop string held back until it is known."""
     from videoxl2 import load_tokenizer
-    from videoxl2.generation import GenerationSettings, decode_answer
     from videoxl2.defaults import DEFAULT_MODEL
+    from videoxl2.generation import GenerationSettings, decode_answer
 
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     settings = GenerationSettings.from_dict({"stop": ["red circle"]})
