@@ -62,6 +62,22 @@ def test_niah_cli_writes_json_and_one_heatmap_per_mode(tiny_checkpoint, tmp_path
     assert "dense" in capsys.readouterr().out
 
 
+def test_niah_engine_knobs_reach_bilevel(tiny_checkpoint, tmp_path):
+    """--topk / --unit-size / --no-rerotate override the checkpoint's knobs: fewer dense units, less KV."""
+    kv = {}
+    for topk in (0, 4):
+        out = tmp_path / f"niah-{topk}"
+        args = ["niah", "--model", str(tiny_checkpoint), "--out", str(out), "--lengths", "48",
+                "--depths", "0.5", "--modes", "bilevel", "--trials", "1", "--unit-size", "1",
+                "--topk", str(topk), "--no-rerotate"]  # fmt: skip
+        assert main(args) == 0
+        result = json.loads((out / "niah.json").read_text())
+        engine = result["summary"]["engine"]
+        assert engine["topk"] == topk and engine["unit_size"] == 1 and engine["rerotate"] is False, engine
+        kv[topk] = result["records"][0]["kv_bytes"]
+    assert kv[0] < kv[4], kv
+
+
 def test_needle_unit_lookup():
     units = [
         dict(start_seconds=0.0, end_seconds=8.0, dense=True, score=0.5),

@@ -26,6 +26,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["dense", "chunked", "bilevel"], default=None, help="engine mode")
+    _add_memory_args(parser)
+    parser.add_argument(
+        "--offload", action="store_true", help="keep the dense video KV in CPU memory (GPU runs)"
+    )
+
+
+def _add_memory_args(parser: argparse.ArgumentParser) -> None:
+    """The chunked / bi-level knobs (default: the checkpoint's own), for every command running the engine."""
     parser.add_argument("--block-size", type=int, default=None, help="groups per pre-fill block (chunked)")
     parser.add_argument("--prev-blocks", type=int, default=None, help="earlier blocks a block sees (chunked)")
     parser.add_argument("--unit-size", type=int, default=None, help="groups per selection unit (bilevel)")
@@ -36,9 +44,6 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="bilevel: keys at contiguous positions (the release's way) or, with --no-rerotate, at their own",
-    )
-    parser.add_argument(
-        "--offload", action="store_true", help="keep the dense video KV in CPU memory (GPU runs)"
     )
 
 
@@ -76,17 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine_overrides(args) -> dict:
+def _memory_overrides(args) -> dict:
+    """The knobs given on the command line (None: keep the checkpoint's)."""
     return dict(
-        mode=args.mode,
         block_size=args.block_size,
         prev_blocks=args.prev_blocks,
         unit_size=args.unit_size,
         topk=args.topk,
         compression=args.compression,
         rerotate=args.rerotate,
-        offload=args.offload or None,
     )
+
+
+def _engine_overrides(args) -> dict:
+    return dict(mode=args.mode, **_memory_overrides(args), offload=args.offload or None)
 
 
 def run_chat(args) -> int:

@@ -58,9 +58,13 @@ def add_niah_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many cells (a quick run)")
     parser.add_argument("--fps", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    from ..cli import _add_memory_args
+
+    _add_memory_args(parser)
 
 
 def run_niah(args) -> int:
+    from ..cli import _memory_overrides
     from .niah import NiahSettings
     from .niah import run_niah as run
 
@@ -72,6 +76,7 @@ def run_niah(args) -> int:
         limit=args.limit,
         fps=args.fps,
         seed=args.seed,
+        engine={k: v for k, v in _memory_overrides(args).items() if v is not None},
     )
     summary = run(args.model, args.out, settings, device=args.device)
     header = "mode      " + "".join(f"{n:>8}" for n in summary["lengths"]) + "     all"

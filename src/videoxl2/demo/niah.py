@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ class NiahSettings:
     limit: int | None = None  # at most this many (length, depth) cells, spread over the grid
     fps: float = 1.0
     seed: int = 0
+    engine: dict = field(default_factory=dict)  # chunked / bi-level knobs over the checkpoint's own
 
     def check(self) -> None:
         bad = [m for m in self.modes if m not in MODES]
@@ -84,7 +85,7 @@ def run_niah(model_path, out_dir, settings: NiahSettings, device: str = "cpu", p
         frames, timestamps = np.concatenate(list(batches)), plan.timestamps
         memories = {}
         for mode in settings.modes:
-            engine = EngineSettings.from_config(model.config, mode=mode)
+            engine = EngineSettings.from_config(model.config, mode=mode, **settings.engine)
             with torch.inference_mode():
                 session = VideoSession.from_frames(
                     model, tokenizer, frames, timestamps, settings=engine, progress=False
@@ -118,6 +119,8 @@ def run_niah(model_path, out_dir, settings: NiahSettings, device: str = "cpu", p
     bar.close()
     summary = summarize(records, settings)
     summary["model"] = str(model_path)
+    knobs = EngineSettings.from_config(model.config, mode="bilevel", **settings.engine)
+    summary["engine"] = {k: v for k, v in asdict(knobs).items() if k not in ("mode", "offload")}
     write_json(out / "niah.json", {"summary": summary, "records": records})
     summary["heatmaps"] = {
         mode: str(plot_heatmap(summary, mode, out / f"niah-{mode}.png")) for mode in settings.modes
