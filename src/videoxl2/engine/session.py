@@ -99,8 +99,14 @@ class VideoSession:
         max_sample_fps: float | None = None,
         settings: EngineSettings | None = None,
         progress: bool | None = None,
+        remainder: str = "pad",
     ) -> VideoSession:
-        """A video file (sampled as the release does) or an image file (4 identical frames)."""
+        """A video file (sampled as the release does) or an image file (4 identical frames).
+
+        `remainder`: a sampled frame count that is not a multiple of 4 is padded by the model with copies
+        of the last frame ("pad", the default), or cut to whole groups of 4 ("drop", as the release's plain
+        evaluation did; `videoxl2 eval --protocol release` asks for it). An image is never cut.
+        """
         path = Path(path)
         if not path.is_file():
             raise MediaNotFoundError(f"{path}: no such file")
@@ -110,7 +116,9 @@ class VideoSession:
                 model, tokenizer, lambda size: iter([image[None]]), [0.0], settings, str(path), progress
             )
         info = probe_video(path)
-        plan = plan_sampling(info.num_frames, info.avg_fps, max_num_frames, sample_fps, max_sample_fps)
+        plan = plan_sampling(
+            info.num_frames, info.avg_fps, max_num_frames, sample_fps, max_sample_fps, remainder=remainder
+        )
         batches = lambda size: iter_frame_batches(path, plan.indices, batch_size=size)  # noqa: E731
         session = cls(model, tokenizer, batches, plan.timestamps, settings, str(path), progress)
         session.stats["sampled_indices"] = list(plan.indices)
