@@ -21,15 +21,50 @@ IMAGE_MARKER = "<image>"
 
 _HMS = re.compile(r"(?<![\d:])(\d{1,2}):(\d{2}):(\d{2})(?![\d:])")
 _MS = re.compile(r"(?<![\d:])(\d{1,3}):(\d{2})(?![\d:])")
+_RELEASE_MMSS = re.compile(r"\d{2}:\d{2}")
+TIME_RULES = ("ours", "release")
 
 
-def rewrite_times(text: str) -> str:
-    """Write `mm:ss` and `hh:mm:ss` as seconds ("1:05" -> "65 seconds"), the unit the timestamps use.
+def rewrite_times(text: str, rule: str = "ours") -> str:
+    """Write clock times as seconds, the unit of the video's time text.
 
-    Upstream rewrites only `dd:dd`; `hh:mm:ss` is handled as a whole here instead of being half-rewritten.
+    "ours" (chat, serve, training, lmms-eval protocol): a whole `h:mm:ss` / `hh:mm:ss` and a whole `m:ss`
+    / `mm:ss` / `mmm:ss` not glued to other digits or colons ("1:05" -> "65 seconds", "01:02:03" ->
+    "3723 seconds", "123:45" -> "7425 seconds"; "3:2:1:0" stays). "release": `rewrite_times_release`.
     """
+    if rule == "release":
+        return rewrite_times_release(text)
+    if rule != "ours":
+        raise InputError(f"time rule must be one of {', '.join(TIME_RULES)}, got {rule!r}")
     text = _HMS.sub(lambda m: f"{int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])} seconds", text)
     return _MS.sub(lambda m: f"{int(m[1]) * 60 + int(m[2])} seconds", text)
+
+
+def rewrite_times_release(text: str) -> str:
+    """The release evaluation's rewrite, quirks included (its lmms-eval wrapper, `convert_time_in_prompt`).
+
+    It lists every two-digit `dd:dd` in the text, left to right without overlaps, then replaces each listed
+    string everywhere in the text, in that order, by "{60 * dd + dd} seconds". Whatever else looks like a
+    time stays: "1:05" is untouched, "01:02:03" becomes "62 seconds:03", "123:45" becomes "11425 seconds".
+    """
+    for found in _RELEASE_MMSS.findall(text):
+        minutes, seconds = found.split(":")
+        text = text.replace(found, f"{int(minutes) * 60 + int(seconds)} seconds")
+    return text
+
+
+class RewrittenText(str):
+    """Question text whose clock times are already written as the model should read them: `build_prompt`
+    keeps it as it is instead of applying `rewrite_times` again."""
+
+
+def prepare_question(text: str, rule: str = "ours") -> RewrittenText:
+    """`text` with its times rewritten by `rule`, marked so that the prompt keeps it verbatim."""
+    return RewrittenText(rewrite_times(text, rule))
+
+
+def _with_times(text: str) -> str:
+    return str(text) if isinstance(text, RewrittenText) else rewrite_times(text)
 
 
 def time_text(seconds: float) -> str:
@@ -71,12 +106,13 @@ def build_prompt(question: str, history: Sequence | None = None, system: str = S
         if index == 0:
             # One marker leads the first turn; a marker the caller wrote is moved there with its newline only,
             # so deliberate blank lines (the release's MLVU prompt starts with one) survive.
+            verbatim = isinstance(user, RewrittenText)
             if IMAGE_MARKER in user:
                 user = user.replace(IMAGE_MARKER + "\n", "", 1) if IMAGE_MARKER + "\n" in user else user
                 user = user.replace(IMAGE_MARKER, "")
-            user = f"{IMAGE_MARKER}\n{rewrite_times(user)}"
+            user = f"{IMAGE_MARKER}\n{user if verbatim else rewrite_times(user)}"
         else:
-            user = rewrite_times(user)
+            user = _with_times(user)
         parts.append(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
         if answer is not None:
             parts.append(f"{answer}<|im_end|>\n")
