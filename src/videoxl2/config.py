@@ -49,6 +49,40 @@ ENGINE_MODES = ("dense", "chunked", "bilevel")
 # ~10,000 frames the paper reports rather than at max_position_embeddings.
 RELEASED_MAX_CONTEXT = 400_000
 
+# Keys of the release's config.json that choose computations, with the values this code computes. Another
+# value is refused rather than ignored: the release would build a different network from it, or (the
+# select layer, which the release ignores) the file asks for a layer neither the release nor we compute.
+# - mm_projector_type: only "mlp2x_gelu" (Linear-GELU-Linear). The release's builder reads a missing key as
+#   "linear", so a missing key is refused too.
+# - mm_spatial_pool_mode: only "average" (the release also has "max"). Missing: its evaluation sets
+#   "average" itself.
+# - mm_vision_select_layer: the release's SigLIP tower ignores the key and always takes the output of the
+#   last kept layer (26 of 27). Its training writes -1 (the default neither training stage overrides:
+#   the last layer of the 26-layer tower); -2 names the same layer counted on the full 27-layer SigLIP, the
+#   LLaVA convention. Missing: ignored, as there.
+RELEASE_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "mm_projector_type": ("mlp2x_gelu",),
+    "mm_spatial_pool_mode": ("average",),
+    "mm_vision_select_layer": (-1, -2),
+}
+RELEASE_MISSING_MEANS = {"mm_projector_type": "linear"}  # what the release reads a missing key as
+
+
+def check_release_values(release: dict[str, Any], source: str = "release config.json") -> None:
+    """Raise `ConfigError` naming each release config key whose value this code does not implement."""
+    problems = []
+    for key, implemented in RELEASE_IMPLEMENTED.items():
+        shown = " or ".join(repr(v) for v in implemented)
+        if key in release:
+            value = release[key]
+            if isinstance(value, bool) or value not in implemented:
+                problems.append(f"{key} = {value!r} is not implemented (implemented: {shown})")
+        elif key in RELEASE_MISSING_MEANS:
+            means = RELEASE_MISSING_MEANS[key]
+            problems.append(f"{key} is missing, which the release reads as {means!r} (implemented: {shown})")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
 
 class VideoXL2Config(PretrainedConfig):
     """Configuration of `VideoXL2ForCausalLM`.
@@ -179,7 +213,9 @@ class VideoXL2Config(PretrainedConfig):
         config only names the tower); `rope_scaling` is dropped because the release forces it to None.
         A `videoxl2` object in the file, absent from the release, overrides our settings (e.g.
         `vision_config`, `vision_grid`, `video_token_id`) so release-format test checkpoints can be tiny.
+        Values the code does not implement (`RELEASE_IMPLEMENTED`) raise `ConfigError` naming the key.
         """
+        check_release_values(release)
         qwen_keys = set(Qwen2Config().to_dict()) | {"rope_theta"}
         skip = {
             "model_type",

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..config import VideoXL2Config
+from ..config import VideoXL2Config, check_release_values
 from ..errors import CheckpointError, ConfigError
 
 # Release name -> our name, first match wins. `None` drops the weight (accepted but unused).
@@ -49,10 +49,13 @@ def read_config(path: Path) -> tuple[VideoXL2Config, bool]:
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file}: not valid JSON ({err})") from err
     model_type = raw.get("model_type")
+    release = model_type in RELEASE_MODEL_TYPES or "LlavaQwenForCausalLM" in (raw.get("architectures") or [])
+    if release and model_type != VideoXL2Config.model_type:
+        check_release_values(raw, str(file))  # ConfigError naming the key: unimplemented, not unloadable
     try:
         if model_type == VideoXL2Config.model_type:
             return VideoXL2Config.from_dict(raw), False
-        if model_type in RELEASE_MODEL_TYPES or "LlavaQwenForCausalLM" in (raw.get("architectures") or []):
+        if release:
             return VideoXL2Config.from_release_dict(raw), True
     except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"{file}: {err}") from err
@@ -138,7 +141,8 @@ def check_weights(path: Path, config: VideoXL2Config, release: bool, files: list
 def load_model(path, device: str | torch.device | None = "cpu", dtype: torch.dtype | str | None = None):
     """Load a Video-XL-2 checkpoint folder (release or ours) onto `device` in `dtype` (default: float32 on
     CPU, bfloat16 elsewhere). `device=None` places nothing (DeepSpeed ZeRO-3 partitions the model itself).
-    Raises `CheckpointError` naming what is wrong."""
+    Raises `CheckpointError` naming what is wrong, and `ConfigError` naming a release config.json key whose
+    value the code does not implement (`videoxl2.config.RELEASE_IMPLEMENTED`)."""
     from .videoxl2 import VideoXL2ForCausalLM
 
     path = Path(path)
