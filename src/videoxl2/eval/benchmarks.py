@@ -16,6 +16,15 @@ from .data import Sample
 PROTOCOLS = ("release", "lmms-eval", "exact")
 
 
+def input_rules(protocol: str) -> dict:
+    """How a protocol takes its input. The release's harness (its plain path, which gave the published
+    `pure` numbers) cut the sampled frames to a multiple of 4 and rewrote only two-digit `dd:dd` times in
+    the question; every other protocol keeps all frames (the model pads the last group) and rewrites times
+    by our rule (`videoxl2.prompt.rewrite_times`), as chat and serve do."""
+    release = protocol == "release"
+    return {"remainder": "drop" if release else "pad", "time_rule": "release" if release else "ours"}
+
+
 @dataclass(frozen=True)
 class Options:
     """Choices that change which questions are asked or how: protocol, Video-MME duration subset and

@@ -22,9 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, help="folder for samples.jsonl, results.json and resume state"
     )
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="checkpoint folder (default: the demo model)"
-    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder (default: the demo model)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (each process takes its LOCAL_RANK GPU)")
     parser.add_argument(
         "--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16"
@@ -47,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=[p for p in PROTOCOLS if p != "exact"],
         default=None,
-        help="prompts and answer extraction: release (default; the published numbers) or lmms-eval (0.7.3)",
+        help="prompts, answer extraction and input rules: release (default; the published numbers: frames "
+        "cut to a multiple of 4, the release's mm:ss rewrite) or lmms-eval (0.7.3)",
     )
     parser.add_argument("--subset", choices=DURATIONS, default=None, help="videomme: one duration only")
     parser.add_argument("--subtitles", action="store_true", help="videomme: put the subtitles in the prompt")

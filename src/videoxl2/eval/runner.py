@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..defaults import DEFAULT_MODEL as BUNDLED_MODEL
 from ..errors import InputError, VideoXL2Error
-from .benchmarks import BENCHMARKS, Benchmark, Options
+from .benchmarks import BENCHMARKS, Benchmark, Options, input_rules
 from .data import Sample, listing
 
 DEFAULT_MODEL = str(BUNDLED_MODEL)  # `videoxl2 eval` without --model: the bundled demo model
@@ -158,6 +158,7 @@ def run_config(settings: EvalSettings, bench: Benchmark, options: Options) -> di
         max_fps=settings.max_fps,
         max_new_tokens=int(settings.max_new_tokens or bench.max_new_tokens),
         engine=asdict(engine),
+        **input_rules(options.protocol),  # remainder (frames past a multiple of 4), time_rule (mm:ss)
     )
     return json.loads(json.dumps(config))  # as it reads back from run.json
 
@@ -254,6 +255,7 @@ def answer_all(pending, bench, options, settings, config, world, path: Path) -> 
     from .. import load_model, load_tokenizer
     from ..engine.session import VideoSession
     from ..engine.settings import EngineSettings
+    from ..prompt import prepare_question
 
     device = settings.device
     if world.size > 1 and device.startswith("cuda") and ":" not in device:
@@ -278,10 +280,11 @@ def answer_all(pending, bench, options, settings, config, world, path: Path) -> 
                     if session is None:
                         session = VideoSession.from_path(
                             model, tokenizer, video, config["max_frames"], config["fps"], config["max_fps"],
-                            settings=engine, progress=False,
+                            settings=engine, progress=False, remainder=config["remainder"],
                         )  # fmt: skip
+                    asked = prepare_question(question, config["time_rule"])
                     with torch.inference_mode():
-                        answer = session.ask(question, generation_config=generation)
+                        answer = session.ask(asked, generation_config=generation)
                 except VideoXL2Error as err:  # recorded (and retried on --resume); the run goes on
                     record.update(failed(bench, sample, options, err))
                 else:
