@@ -24,3 +24,15 @@ class CheckpointError(VideoXL2Error):
 
 class ConfigError(VideoXL2Error, ValueError):
     """An inconsistent model or engine configuration."""
+
+
+class MemoryBudgetError(InputError):
+    """A session whose estimated peak memory is over what the device has free: raised before any frame is
+    decoded, naming how many frames would fit. `needed`/`available` are bytes, `frames_that_fit` a frame
+    count (0 when even the smallest video does not fit)."""
+
+    def __init__(self, message: str, needed: int = 0, available: int = 0, frames_that_fit: int = 0):
+        super().__init__(message)
+        self.needed = needed
+        self.available = available
+        self.frames_that_fit = frames_that_fit

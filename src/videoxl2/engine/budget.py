@@ -1,0 +1,525 @@
+"""Memory known before it runs: a session's peak bytes from its token layout, the model config and the mode.
+
+Everything here is arithmetic on sizes (nothing is allocated, the weights are counted on the `meta`
+device), so a session can check before it decodes a frame, and the `videoxl2 plan` planner can answer
+"what fits" from a checkpoint's config alone. Figures, all in bytes:
+
+* `weights`             parameters x dtype bytes (optional: a loaded model already holds them);
+* `video_kv`            the dense KV store of prefix + video, layers x 2 x kv_heads x head_dim per token
+                        (`VideoMemory.dense_bytes()`);
+* `prefill_globals`     pre-fill's compact copy of the prefix and time-token KV (freed after pre-fill);
+* `sparse_kv`           bi-level only: per group its time tokens + visual tokens pooled by `compression`
+                        (`VideoMemory.sparse_bytes()`);
+* `vision_batch`        peak activations of SigLIP + DTS + projector for one frame batch;
+* `prefill_block`       peak activations of one pre-fill block (hidden states, Q/K/V, RoPE in fp32, MLP,
+                        the gathered key set of a chunked block's visual rows);
+* `sparse_build`        bi-level only: temporaries of deriving the sparse KV (un-rotating one layer's keys);
+* `assembled_kv`        the video's share of a question's cache: the store itself (dense, chunked) or the
+                        bi-level cache (`MixedCache.nbytes()`, the session's `kv_bytes` stat);
+* `question_cache`      what a question adds to the KV: dense/chunked, spare room for the question and answer
+                        (they run on the pre-fill store, the video is not copied); bi-level, the assembled
+                        mixed cache (prefix + time tokens + selected units dense + the rest pooled);
+* `question_activations` bi-level scoring over the all-sparse cache (its copy + fp32 attention rows), the
+                        question's own activations and the logits.
+
+The peak is the largest of three phases that hold different things at once: pre-fill (weights + store +
+globals + the larger of a vision batch and a pre-fill block), building the sparse KV (bi-level), and a
+question (weights + store [+ sparse] + its cache and activations). With `offload` the dense store leaves the
+device after pre-fill and a dense/chunked question gathers a full copy back.
+
+The attention kernels are assumed fused (no L x L matrices, grouped K/V heads not expanded), as the engine's
+mask-free calls get on CUDA; `benchmarks/gpu_check.py` measures the real peak on a GPU to compare.
+Activation figures are estimates (a few percent of the total at long videos); the KV figures are exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..errors import InputError, MemoryBudgetError
+
+DEFAULT_PREFIX_TOKENS = 14  # ChatML system turn + "<|im_start|>user\n" in Qwen2's tokenizer
+DEFAULT_QUESTION_TOKENS = 64  # room for a question and the chat template after the video
+DEFAULT_ANSWER_TOKENS = 256  # GenerationSettings.max_new_tokens default
+DEFAULT_HEADROOM = 0.05  # share of the free memory left for the allocator's fragmentation and the unforeseen
+GB = 1e9
+
+
+def dtype_of(dtype) -> torch.dtype:
+    """torch.dtype from a dtype or a name ("bf16", "bfloat16", "fp16", "float32", ...)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    name = names.get(str(dtype).lower(), str(dtype).lower()).removeprefix("torch.")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise InputError(f"unknown dtype {dtype!r}")
+    return value
+
+
+def dtype_bytes(dtype) -> int:
+    return dtype_of(dtype).itemsize
+
+
+# -- token counts -----------------------------------------------------------------------------------------
+def qwen_time_tokens(seconds: float) -> int:
+    """Tokens of `Time {t}s:` in Qwen2's tokenizer: "Time", " ", one per digit and the point, "s", ":"."""
+    return 4 + len(repr(round(float(seconds), 1)))
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """What the estimate needs of a token layout: prefix tokens, groups, time tokens (all groups), visual
+    tokens per group; `question`/`answer` the room kept after the video for a question and its answer."""
+
+    prefix: int
+    groups: int
+    time: int
+    per_group: int
+    max_time: int  # time tokens of the longest group (a pre-fill block's size)
+    frames: int
+    question: int = DEFAULT_QUESTION_TOKENS
+    answer: int = DEFAULT_ANSWER_TOKENS
+
+    @property
+    def video_end(self) -> int:
+        """Tokens in the dense store: prefix + video (`TokenLayout.video_end`)."""
+        return self.prefix + self.time + self.groups * self.per_group
+
+    @classmethod
+    def from_layout(
+        cls, layout, frames: int | None = None, question: int | None = None, answer: int | None = None
+    ):
+        """Counts of a `TokenLayout` (frames default to 4 per group)."""
+        groups = layout.groups
+        if not groups:
+            raise InputError("the layout has no frame groups")
+        times = [g.visual_start - g.time_start for g in groups]
+        suffix = getattr(layout, "suffix_ids", None)
+        question = question if question is not None else DEFAULT_QUESTION_TOKENS
+        if suffix is not None:
+            question = max(question, int(suffix.numel()))
+        return cls(
+            prefix=int(layout.video_start),
+            groups=len(groups),
+            time=sum(times),
+            per_group=groups[0].end - groups[0].visual_start,
+            max_time=max(times),
+            frames=int(frames if frames is not None else 4 * len(groups)),
+            question=question,
+            answer=DEFAULT_ANSWER_TOKENS if answer is None else int(answer),
+        )
+
+    @classmethod
+    def for_frames(
+        cls,
+        frames: int,
+        per_group: int,
+        fps: float = 1.0,
+        prefix: int = DEFAULT_PREFIX_TOKENS,
+        frames_per_group: int = 4,
+        time_tokens=qwen_time_tokens,
+        question: int = DEFAULT_QUESTION_TOKENS,
+        answer: int = DEFAULT_ANSWER_TOKENS,
+    ) -> TokenCounts:
+        """Counts for `frames` frames sampled at `fps` (a group's time text is its first frame's second),
+        time tokens counted by `time_tokens(seconds)` (Qwen2's tokenizer by default)."""
+        if frames < 1:
+            raise InputError(f"frames must be >= 1, got {frames}")
+        groups = -(-int(frames) // frames_per_group)
+        times = [time_tokens(frames_per_group * g / fps) for g in range(groups)]
+        return cls(prefix, groups, sum(times), per_group, max(times), int(frames), question, answer)
+
+    def scaled(self, frames: int) -> TokenCounts:
+        """The same video shape at another frame count: same prefix, same mean time tokens per group."""
+        groups = -(-int(frames) // 4)
+        time = round(self.time * groups / self.groups)
+        return TokenCounts(
+            self.prefix, groups, time, self.per_group, self.max_time, int(frames), self.question, self.answer
+        )
+
+
+# -- the model's sizes -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    vision_hidden: int
+    vision_intermediate: int
+    patches: int  # per frame, before the resize to the grid
+    image_size: int
+    grid: int  # resized grid side
+    per_group: int
+    vision_batch: int
+    dts_batch: int
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        text, vision = config.text_config, config.vision_config
+        heads = text.num_attention_heads
+        return cls(
+            layers=text.num_hidden_layers,
+            hidden=text.hidden_size,
+            heads=heads,
+            kv_heads=text.num_key_value_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            intermediate=text.intermediate_size,
+            vocab=text.vocab_size,
+            vision_hidden=vision.hidden_size,
+            vision_intermediate=vision.intermediate_size,
+            patches=(vision.image_size // vision.patch_size) ** 2,
+            image_size=vision.image_size,
+            grid=config.vision_grid,
+            per_group=config.tokens_per_group,
+            vision_batch=config.vision_batch_size,
+            dts_batch=config.dts_batch_size,
+        )
+
+
+def kv_bytes_per_token(config, dtype) -> int:
+    """Dense KV bytes of one token, all layers: layers x 2 (K, V) x kv_heads x head_dim x dtype bytes."""
+    s = Shape.of(config)
+    return s.layers * 2 * s.kv_heads * s.head_dim * dtype_bytes(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _parameter_count(config_json: str) -> int:
+    from ..config import VideoXL2Config
+    from ..modeling.videoxl2 import VideoXL2ForCausalLM
+
+    config = VideoXL2Config.from_dict(json.loads(config_json))
+    with torch.device("meta"):
+        model = VideoXL2ForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameter_count(config) -> int:
+    """Parameters of the whole network (vision, DTS, projector, LLM), counted on the meta device."""
+    return _parameter_count(config.to_json_string(use_diff=False))
+
+
+def weight_bytes(config, dtype) -> int:
+    return parameter_count(config) * dtype_bytes(dtype)
+
+
+def default_frames_per_batch(config, settings) -> int:
+    """The session's frames per batch (`VideoSession.frames_per_batch`): whole pre-fill blocks."""
+    from . import session
+
+    block = config.frames_per_group * settings.block_size
+    return max(1, getattr(session, "FRAME_BATCH", 64) // block) * block
+
+
+# -- the estimate ------------------------------------------------------------------------------------------
+@dataclass
+class MemoryEstimate:
+    """Named byte figures of one session and the peak of its phases (`total`)."""
+
+    frames: int
+    tokens: int  # prefix + video, the dense store's length
+    mode: str
+    dtype: str
+    kv_per_token: int
+    weights: int
+    video_kv: int
+    prefill_globals: int
+    sparse_kv: int
+    vision_batch: int
+    prefill_block: int
+    sparse_build: int
+    assembled_kv: int  # the video's share of a question's cache (the store itself unless bi-level)
+    question_cache: int
+    question_activations: int
+    phases: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), total=self.total, peak_phase=self.peak_phase)
+
+    def describe(self) -> str:
+        """One line: the total and what it is made of at the peak."""
+        parts = [("weights", self.weights), ("video KV", self.video_kv)]
+        if self.sparse_kv:
+            parts.append(("sparse KV", self.sparse_kv))
+        parts.append(("activations and caches", self.total - sum(v for _, v in parts)))
+        made = ", ".join(f"{name} {gb(value)}" for name, value in parts if value)
+        return f"{gb(self.total)} at {self.peak_phase} ({made})"
+
+
+def gb(value: float) -> str:
+    return f"{value / GB:.2f} GB"
+
+
+def estimate(
+    config,
+    counts: TokenCounts,
+    settings,
+    dtype,
+    frames_per_batch: int | None = None,
+    include_weights: bool = True,
+    kv_dtype=None,
+    weights: int | None = None,
+) -> MemoryEstimate:
+    """Peak bytes of a session of `counts` tokens in `settings.mode` (an `EngineSettings`).
+
+    `kv_dtype` (default `dtype`) is the video memory's element type; `weights` overrides the weight bytes
+    (e.g. a quantized model's); `include_weights=False` leaves them out (they are already loaded)."""
+    s = Shape.of(config)
+    b = dtype_bytes(dtype)
+    kvpt = kv_bytes_per_token(config, kv_dtype if kv_dtype is not None else dtype)
+    mode = settings.mode
+    bilevel = mode == "bilevel"
+    batch = frames_per_batch or default_frames_per_batch(config, settings)
+    if not include_weights:
+        weights = 0
+    elif weights is None:
+        weights = weight_bytes(config, dtype)
+
+    video_kv = counts.video_end * kvpt
+    globals_ = (counts.prefix + counts.time) * kvpt
+    pooled = counts.groups * (counts.per_group // max(1, settings.compression))
+    sparse_kv = (counts.time + pooled) * kvpt if bilevel else 0
+
+    vision = vision_batch_bytes(s, batch, b)
+    block = prefill_block_bytes(s, counts, settings, batch, b, kvpt)
+    build = sparse_build_bytes(s, counts, b) if bilevel else 0
+    cache, acts = question_bytes(s, counts, settings, b, kvpt)
+    assembled = video_kv if not bilevel else assembled_tokens(counts, settings) * kvpt
+
+    resident = weights + (0 if settings.offload else video_kv)
+    phases = {"pre-fill": weights + video_kv + globals_ + max(vision, block)}
+    if bilevel:
+        phases["sparse build"] = weights + video_kv + globals_ + sparse_kv + build
+    phases["question"] = resident + sparse_kv + cache + acts
+    return MemoryEstimate(
+        frames=counts.frames,
+        tokens=counts.video_end,
+        mode=mode,
+        dtype=str(dtype_of(dtype)).removeprefix("torch."),
+        kv_per_token=kvpt,
+        weights=weights,
+        video_kv=video_kv,
+        prefill_globals=globals_,
+        sparse_kv=sparse_kv,
+        vision_batch=vision,
+        prefill_block=block,
+        sparse_build=build,
+        assembled_kv=assembled,
+        question_cache=cache,
+        question_activations=acts,
+        phases=phases,
+    )
+
+
+def vision_batch_bytes(s: Shape, frames: int, b: int) -> int:
+    """SigLIP (in chunks of `vision_batch` frames) -> resized maps -> DTS (chunks of `dts_batch` groups) ->
+    projector, for one batch of `frames` frames: the pixels and the maps of the whole batch stay while the
+    largest stage runs."""
+    groups = -(-frames // 4)
+    tower = min(frames, s.vision_batch)
+    pixels = frames * 3 * s.image_size**2 * b
+    maps = frames * s.vision_hidden * s.grid**2 * b  # kept per chunk, then concatenated (x2)
+    siglip = tower * s.patches * (3 * s.vision_hidden + 2 * s.vision_intermediate) * b
+    resize = tower * s.vision_hidden * (s.patches + s.grid**2) * 4  # bilinear in fp32
+    chunk = min(groups, s.dts_batch)
+    dts_elems = chunk * 4 * s.grid**2 * s.vision_hidden
+    dts = 8 * dts_elems * b + 2 * dts_elems * 4 + chunk * 4 * s.grid**4 * 4  # + single-head scores (fp32)
+    features = groups * s.grid**2 * s.vision_hidden * b * 2
+    projector = chunk * s.grid**2 * 3 * s.hidden * b + groups * s.per_group * s.hidden * b * 2
+    return pixels + 2 * maps + max(siglip + resize, dts + features, projector + features)
+
+
+def token_activation_bytes(s: Shape, b: int) -> int:
+    """Live bytes per token inside one decoder layer: residual, norm, Q/K/V, attention output, RoPE's fp32
+    copies of the queries, and the MLP's gate/up/product."""
+    qd, kd = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    return b * (4 * s.hidden + 4 * qd + 2 * kd + 3 * s.intermediate) + 4 * 3 * qd
+
+
+def prefill_block_bytes(s: Shape, counts: TokenCounts, settings, frames: int, b: int, kvpt: int) -> int:
+    """One block (`block_size` groups) through the layers, the batch's visual embeddings waiting, and for a
+    chunked block the gathered key set of its visual rows (prefix + all time tokens + the window)."""
+    n = settings.block_size * (counts.per_group + counts.max_time)
+    n = max(n, counts.prefix)
+    embeds = (-(-frames // 4)) * s.per_group * s.hidden * b
+    hidden = 2 * n * s.hidden * b  # embeddings, then with the visual rows scattered in
+    gathered = 0
+    if settings.mode != "dense":
+        window = (settings.prev_blocks + 1) * n
+        gathered = (counts.prefix + counts.time + window) * kvpt // s.layers  # one layer's K and V
+    out = 2 * n * s.heads * s.head_dim * b  # the block's output buffer and a row gather of Q
+    return embeds + hidden + n * token_activation_bytes(s, b) + gathered + out
+
+
+def sparse_build_bytes(s: Shape, counts: TokenCounts, b: int) -> int:
+    """Un-rotating and pooling one layer's keys at a time: cos/sin tables (fp32) of every time and visual
+    token, the gathered keys and values, and RoPE's fp32 copies of one layer's visual keys."""
+    visual = counts.groups * counts.per_group
+    tables = 2 * (counts.time + visual) * s.head_dim * 4
+    layer = s.kv_heads * visual * s.head_dim
+    return tables + layer * (2 * b + 4 * 4)
+
+
+def question_bytes(s: Shape, counts: TokenCounts, settings, b: int, kvpt: int) -> tuple[int, int]:
+    """(cache, activations) of one question. Dense/chunked: the question and answer run in spare room of
+    the store (a full copy when the store was offloaded). Bi-level: scoring over a copy of the all-sparse
+    cache (fp32 attention rows of the question), then the mixed cache, re-rotated one layer at a time."""
+    extra = counts.question + counts.answer
+    n = counts.question
+    logits = s.vocab * 4 * 2
+    decode = n * token_activation_bytes(s, b) + logits
+    if settings.mode != "bilevel":
+        cache = extra * kvpt + (counts.video_end * kvpt if settings.offload else 0)
+        return cache, decode
+    pooled_per_group = counts.per_group // max(1, settings.compression)
+    all_sparse = counts.prefix + counts.time + counts.groups * pooled_per_group
+    scoring = all_sparse * kvpt + 3 * n * s.heads * (all_sparse + n) * 4 + decode
+    mixed = assembled_tokens(counts, settings)
+    rotate = 2 * mixed * s.head_dim * 4 + s.kv_heads * mixed * s.head_dim * 4 * 4
+    cache = (mixed + extra) * kvpt
+    return cache, max(scoring - cache, rotate + decode, 0)
+
+
+def assembled_tokens(counts: TokenCounts, settings) -> int:
+    """Length of a bi-level question's cache before the question: prefix, every time token, the selected
+    groups' visual tokens and the others' pooled ones."""
+    dense = selected_groups(counts.groups, settings.unit_size, settings.topk)
+    pooled = counts.per_group // max(1, settings.compression)
+    return counts.prefix + counts.time + dense * counts.per_group + (counts.groups - dense) * pooled
+
+
+def selected_groups(groups: int, unit_size: int, topk: int) -> int:
+    """Most groups a bi-level cache keeps dense: the first and last unit (the last may be short) and the
+    `topk` best of the others."""
+    units = -(-groups // unit_size)
+    if units <= 2:
+        return groups
+    last = groups - (units - 1) * unit_size
+    return unit_size * (1 + min(topk, units - 2)) + last
+
+
+# -- what the device has --------------------------------------------------------------------------------
+def available_bytes(device) -> int | None:
+    """Bytes a session can still allocate on `device`: CUDA's free memory plus what torch's allocator holds
+    unused; on CPU the kernel's MemAvailable (psutil where /proc is absent); None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, _ = torch.cuda.mem_get_info(index)
+        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return int(free + max(0, cached))
+    if device.type == "mps":
+        try:
+            return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+        except (AttributeError, RuntimeError):
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as handle:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle if ":" in line}
+        return info.get("MemAvailable", info.get("MemFree"))
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def frames_that_fit(
+    config,
+    settings,
+    dtype,
+    budget_bytes: int,
+    frames_per_batch: int | None = None,
+    counts: TokenCounts | None = None,
+    include_weights: bool = False,
+    max_frames: int | None = None,
+    **options,
+) -> int:
+    """The largest frame count (a multiple of 4) whose estimate is within `budget_bytes`, 0 if none.
+    Token counts scale from `counts` (default: 1 fps and Qwen2's time text); at most `max_frames`
+    (default: the model's context limit)."""
+    s = Shape.of(config)
+
+    def counts_for(frames: int) -> TokenCounts:
+        if counts is not None:
+            return counts.scaled(frames)
+        return TokenCounts.for_frames(frames, s.per_group)
+
+    def fits(frames: int) -> bool:
+        kept = counts_for(frames)
+        if kept.video_end + kept.question + kept.answer > config.context_limit and max_frames is None:
+            return False
+        found = estimate(config, kept, settings, dtype, frames_per_batch, include_weights, **options)
+        return found.total <= budget_bytes
+
+    limit = (max_frames or 4 * config.context_limit) // 4 * 4
+    if limit < 4 or not fits(4):
+        return 0
+    low, high = 4, 8
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 4)
+    while high - low > 4:  # low fits, high does not (or is past the limit)
+        mid = (low + high) // 8 * 4
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def check_fits(
+    config,
+    layout,
+    settings,
+    dtype,
+    frames_per_batch: int | None,
+    device,
+    budget_bytes: int | None = None,
+    include_weights: bool = False,
+    headroom: float = DEFAULT_HEADROOM,
+    frames: int | None = None,
+) -> MemoryEstimate:
+    """Raise `MemoryBudgetError` (one line, naming the frames that fit) when the session of `layout` would
+    not fit `budget_bytes` (default: what `device` has free, less `headroom`); return the estimate.
+    The model's weights are taken as already loaded unless `include_weights`."""
+    counts = TokenCounts.from_layout(layout, frames)
+    found = estimate(config, counts, settings, dtype, frames_per_batch, include_weights)
+    if budget_bytes is None:
+        free = available_bytes(device)
+        if free is None:
+            return found
+        budget_bytes = int(free * (1 - headroom))
+        where = f"free on {torch.device(device)}"
+    else:
+        where = "in the memory budget"
+    if found.total <= budget_bytes:
+        return found
+    fit = frames_that_fit(
+        config, settings, dtype, budget_bytes, frames_per_batch, counts, include_weights, counts.frames
+    )
+    advice = f"at most {fit:,} frames fit: lower max_num_frames" if fit else "not even 4 frames fit"
+    raise MemoryBudgetError(
+        f"{counts.frames:,} frames ({counts.video_end:,} tokens, {settings.mode}, {found.dtype}) need "
+        f"~{found.describe()}, but {gb(budget_bytes)} is {where}: {advice}",
+        needed=found.total,
+        available=budget_bytes,
+        frames_that_fit=fit,
+    )
