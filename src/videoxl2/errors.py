@@ -36,3 +36,7 @@ class MemoryBudgetError(InputError):
         self.needed = needed
         self.available = available
         self.frames_that_fit = frames_that_fit
+
+
+class Cancelled(VideoXL2Error):
+    """The caller stopped the work (a client went away, Ctrl-C, a timeout): nothing was kept."""

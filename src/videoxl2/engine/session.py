@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import InputError, MediaNotFoundError
+from ..errors import Cancelled, InputError, MediaNotFoundError
 from ..generation import GenerationSettings, decode_answer
 from ..prompt import IMAGE_MARKER, TokenLayout, build_layout, build_prompt
 from ..video import (
@@ -28,6 +29,8 @@ from ..video import (
     preprocess_frames,
     probe_video,
 )
+from ..video.decode import ReadStats
+from ..video.pipeline import Prefetcher
 from .decode import answer_from_cache
 from .memory import VideoMemory
 from .prefill import StreamingPrefill
@@ -36,6 +39,43 @@ from .settings import EngineSettings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 FRAME_BATCH = 64  # frames decoded and encoded at a time (a multiple of 4)
+PREFETCH_BATCHES = 2  # frame batches the reader thread may hold ready ahead of the model
+
+
+def _check(cancel) -> None:
+    if cancel is not None and (cancel() if callable(cancel) else cancel.is_set()):
+        raise Cancelled("pre-fill cancelled")
+
+
+class StageClock:
+    """Seconds per stage. On CUDA the work is asynchronous, so stages are timed with CUDA events read once
+    at the end (a clock read after each stage would need a device sync)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.events: list[tuple[str, object, object]] = []
+
+    @contextmanager
+    def __call__(self, key: str):
+        if self.cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            yield
+            end.record()
+            self.events.append((key, begin, end))
+        else:
+            start = time.perf_counter()
+            yield
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+
+    def totals(self) -> dict[str, float]:
+        if self.events:
+            torch.cuda.synchronize()
+            for key, begin, end in self.events:
+                self.seconds[key] = self.seconds.get(key, 0.0) + begin.elapsed_time(end) / 1000
+            self.events.clear()
+        return dict(self.seconds)
 
 
 @dataclass
@@ -83,6 +123,8 @@ class VideoSession:
                 f"{source}: {len(self.timestamps)} frames make {self.layout.length} tokens, over the model's "
                 f"context of {config.context_limit}: lower max_num_frames"
             )
+        self.read_stats: ReadStats | None = None
+        self._clock = StageClock(torch.device("cpu"))
         self.memory: VideoMemory | None = None
         self.runner = None
         self.stats: dict = {"frames": len(self.timestamps), "groups": len(self.group_seconds)}
@@ -100,12 +142,16 @@ class VideoSession:
         settings: EngineSettings | None = None,
         progress: bool | None = None,
         remainder: str = "pad",
+        decode_threads: int | None = None,
+        decode_workers: int = 1,
     ) -> VideoSession:
         """A video file (sampled as the release does) or an image file (4 identical frames).
 
         `remainder`: a sampled frame count that is not a multiple of 4 is padded by the model with copies
         of the last frame ("pad", the default), or cut to whole groups of 4 ("drop", as the release's plain
         evaluation did; `videoxl2 eval --protocol release` asks for it). An image is never cut.
+        `decode_threads`: FFmpeg decoding threads (None: FFmpeg's choice); `decode_workers`: processes
+        decoding keyframe-delimited stretches in parallel (1: in this process); the frames are the same.
         """
         path = Path(path)
         if not path.is_file():
@@ -119,8 +165,12 @@ class VideoSession:
         plan = plan_sampling(
             info.num_frames, info.avg_fps, max_num_frames, sample_fps, max_sample_fps, remainder=remainder
         )
-        batches = lambda size: iter_frame_batches(path, plan.indices, batch_size=size)  # noqa: E731
+        read_stats = ReadStats()
+        batches = lambda size: iter_frame_batches(  # noqa: E731
+            path, plan.indices, size, threads=decode_threads, workers=decode_workers, stats=read_stats
+        )
         session = cls(model, tokenizer, batches, plan.timestamps, settings, str(path), progress)
+        session.read_stats = read_stats
         session.stats["sampled_indices"] = list(plan.indices)
         session.stats["video_fps"] = info.avg_fps
         return session
@@ -146,52 +196,68 @@ class VideoSession:
         block = self.model.config.frames_per_group * self.settings.block_size
         return max(1, FRAME_BATCH // block) * block
 
-    def iter_group_embeddings(self) -> Iterator[torch.Tensor]:
-        """Visual embeddings batch by batch (decode -> preprocess -> vision -> DTS -> projector), timed."""
-        model, config = self.model, self.model.config
-        size = config.vision_config.image_size
+    def _pixel_batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Decoded and preprocessed frame batches: the reader thread's share of the work."""
+        size = self.model.config.vision_config.image_size
+        pin = self.device.type == "cuda"  # pinned pages let the copy to the GPU run asynchronously
+        for batch in self._frame_batches(self.frames_per_batch()):
+            pixels = preprocess_frames(batch, image_size=size)
+            yield len(batch), (pixels.pin_memory() if pin else pixels)
+
+    def iter_group_embeddings(self, cancel=None) -> Iterator[torch.Tensor]:
+        """Visual embeddings batch by batch (vision -> DTS -> projector), while a background thread decodes
+        and preprocesses the next batches (at most `PREFETCH_BATCHES` ahead). Closing this iterator stops
+        the reader thread."""
+        model = self.model
         dtype = model.get_input_embeddings().weight.dtype
         groups = frames_seen = 0
-        batches = self._frame_batches(self.frames_per_batch())
-        while True:
-            start = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            pixels = preprocess_frames(batch, image_size=size).to(self.device, dtype)
-            self._add_time("decode_s", start)
-            start = time.perf_counter()
-            embeds = model.encode_video(pixels)
-            self._add_time("vision_s", start)
-            frames_seen += len(batch)
-            groups += embeds.shape[0]
-            yield embeds
+        with Prefetcher(self._pixel_batches, depth=PREFETCH_BATCHES) as reader:
+            try:
+                for count, pixels in reader:
+                    _check(cancel)
+                    with self._clock("vision_s"):
+                        embeds = model.encode_video(pixels.to(self.device, dtype, non_blocking=True))
+                    frames_seen += count
+                    groups += embeds.shape[0]
+                    yield embeds
+            finally:
+                self.stats["decode_s"] = reader.busy_s
+                self.stats["decode_wait_s"] = reader.wait_s
         if groups != self.layout.num_groups:
             raise InputError(
                 f"{self.source}: decoded {frames_seen} frames, expected {len(self.timestamps)} "
                 "(the file may be truncated)"
             )
 
-    def _add_time(self, key: str, start: float) -> None:
-        self.stats[key] = self.stats.get(key, 0.0) + time.perf_counter() - start
-
     @torch.inference_mode()
-    def prefill(self) -> VideoMemory:
-        """Stream the video into a VideoMemory (once; later calls return it)."""
+    def prefill(self, cancel=None) -> VideoMemory:
+        """Stream the video into a VideoMemory (once; later calls return it).
+
+        `cancel`: a `threading.Event` (or a callable returning True) checked between frame batches and
+        between pre-fill blocks; once set, `Cancelled` is raised, the reader stops and nothing is kept."""
         if self.memory is not None:
             return self.memory
         settings = self.settings
+        self._clock = StageClock(self.device)
+        started = time.perf_counter()
         bar = tqdm(total=self.layout.num_groups, desc="prefill", unit="group", disable=self._quiet())
         prefill = StreamingPrefill(
             self.model, self.layout, settings.mode != "dense", settings.block_size, settings.prev_blocks
         )
         prefill.run_prefix()
-        for embeds in self.iter_group_embeddings():
-            start = time.perf_counter()
-            prefill.add_groups(embeds)
-            self._add_time("prefill_s", start)
-            bar.update(embeds.shape[0])
-        bar.close()
+        embeddings = self.iter_group_embeddings(cancel)
+        try:
+            for embeds in embeddings:
+                for offset in range(0, embeds.shape[0], settings.block_size):
+                    _check(cancel)
+                    with self._clock("prefill_s"):
+                        prefill.add_groups(embeds[offset : offset + settings.block_size])
+                bar.update(embeds.shape[0])
+        finally:
+            embeddings.close()
+            bar.close()
+        self.stats.update(self._clock.totals())
+        self._report_overlap(time.perf_counter() - started)
         self.runner = prefill.runner
         self.memory = VideoMemory.from_store(
             prefill.store, self.layout, prefill.runner, settings.unit_size, settings.compression
@@ -207,6 +273,15 @@ class VideoSession:
             sparse_kv_bytes=self.memory.sparse_bytes(),
         )
         return self.memory
+
+    def _report_overlap(self, wall: float) -> None:
+        """Reading vs model time: `overlap_s` is how much of the two ran at the same time."""
+        stats = self.stats
+        model_s = stats.get("vision_s", 0.0) + stats.get("prefill_s", 0.0)
+        stats["ingest_wall_s"] = wall
+        stats["overlap_s"] = max(0.0, stats.get("decode_s", 0.0) + model_s - wall)
+        if self.read_stats is not None:
+            stats["read"] = self.read_stats.as_dict()
 
     def _quiet(self) -> bool | None:
         return None if self.progress is None else not self.progress
