@@ -262,10 +262,13 @@ def _decode_with_index(
             yield from frames_out(packet)
 
 
-def _decode_front_to_back(
-    path: Path, targets: Sequence[int], threads: int | None, stats: ReadStats
+def decode_front_to_back(
+    path, targets: Sequence[int], threads: int | None = None, stats: ReadStats | None = None
 ) -> Iterator[np.ndarray]:
-    """One RGB frame per entry of `targets`, numbering frames by counting them: the reference reader."""
+    """One RGB frame per entry of `targets`, numbering frames by counting them as they come out of a
+    front-to-back decode: the reference every faster path is checked against, and the fallback."""
+    path = _check_file(path)
+    stats = stats if stats is not None else ReadStats()
     cursor, count = 0, len(targets)
     with _open(path) as container:
         stream = container.streams.video[0]
@@ -391,7 +394,7 @@ def iter_frames(
         else:
             stats.reason = index.problem
         stats.path = "front-to-back"
-        yield from _decode_front_to_back(path, targets[done:], threads, stats)
+        yield from decode_front_to_back(path, targets[done:], threads, stats)
     except av.error.FFmpegError as err:
         raise VideoDecodeError(f"{path}: corrupt video data after {done} sampled frames ({err})") from err
     finally:
