@@ -155,6 +155,23 @@ def test_half_precision_close_to_upstream(fixture_tensors, dtype, tol):
     assert err <= tol, f"{dtype}: max abs error vs fp32 upstream {err:.3e}"
 
 
+def test_spatial_attention_hands_sdpa_4d_tensors(fixture_tensors, monkeypatch):
+    """SDPA's fused CUDA kernels take (batch, heads, tokens, dim); 3-D input would fall to the math path."""
+    shapes = []
+    original = F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        shapes.append((q.dim(), k.dim(), v.dim(), kwargs.get("attn_mask")))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = fixture_model(fixture_tensors)
+    with torch.no_grad():
+        out = model(fixture_tensors["input"])
+    assert shapes and all(s == (4, 4, 4, None) for s in shapes), shapes
+    assert (out - fixture_tensors["output"]).abs().max().item() <= FIXTURE_TOL
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 2. quirk 1: grouping is a raw reshape
 

@@ -70,8 +70,9 @@ class SpatialAttention3d(nn.Module):
         normed = self.norm(x)
 
         def per_frame_tokens(y: torch.Tensor) -> torch.Tensor:
-            # (G, C, T, H, W) -> (G*T, H*W, C): one attention problem per (group, frame)
-            return y.permute(0, 2, 3, 4, 1).reshape(g * t, h * w, c)
+            # (G, C, T, H, W) -> (G*T, 1, H*W, C): one single-head attention problem per (group, frame),
+            # 4-D as SDPA's fused kernels (flash, memory-efficient) expect; 3-D input takes the math path
+            return y.permute(0, 2, 3, 4, 1).reshape(g * t, 1, h * w, c)
 
         q = per_frame_tokens(self.q(normed))
         k = per_frame_tokens(self.k(normed))
