@@ -7,25 +7,26 @@ device), so a session can check before it decodes a frame, and the `videoxl2 pla
 * `weights`             parameters x dtype bytes (optional: a loaded model already holds them);
 * `video_kv`            the dense KV store of prefix + video, layers x 2 x kv_heads x head_dim per token
                         (`VideoMemory.dense_bytes()`);
-* `prefill_globals`     pre-fill's compact copy of the prefix and time-token KV (freed after pre-fill);
+* `prefill_globals`     chunked pre-fill's compact copy of the prefix and time-token KV (freed after it);
 * `sparse_kv`           bi-level only: per group its time tokens + visual tokens pooled by `compression`
-                        (`VideoMemory.sparse_bytes()`);
+                        (`VideoMemory.sparse_bytes()` once a bi-level question built it);
 * `vision_batch`        peak activations of SigLIP + DTS + projector for one frame batch;
 * `prefill_block`       peak activations of one pre-fill block (hidden states, Q/K/V, RoPE in fp32, MLP,
                         the gathered key set of a chunked block's visual rows);
-* `sparse_build`        bi-level only: temporaries of deriving the sparse KV (un-rotating one layer's keys);
+* `sparse_build`        bi-level only: temporaries of deriving the sparse KV (a chunk of groups of one layer);
 * `assembled_kv`        the video's share of a question's cache: the store itself (dense, chunked) or the
                         bi-level cache (`MixedCache.nbytes()`, the session's `kv_bytes` stat);
-* `question_cache`      what a question adds to the KV: dense/chunked, spare room for the question and answer
-                        (they run on the pre-fill store, the video is not copied); bi-level, the assembled
-                        mixed cache (prefix + time tokens + selected units dense + the rest pooled);
-* `question_activations` bi-level scoring over the all-sparse cache (its copy + fp32 attention rows), the
-                        question's own activations and the logits.
+* `question_cache`      what a question adds to the KV: dense/chunked, nothing while the question and answer
+                        fit the store's spare slots (`prefill.SPARE_TOKENS`); bi-level, the assembled mixed
+                        cache (prefix + time tokens + selected units dense + the rest pooled) + its room;
+* `question_activations` the question's activations and logits, bi-level scoring's fp32 rows and RoPE
+                        temporaries (per chunk of keys).
 
-The peak is the largest of three phases that hold different things at once: pre-fill (weights + store +
-globals + the larger of a vision batch and a pre-fill block), building the sparse KV (bi-level), and a
-question (weights + store [+ sparse] + its cache and activations). With `offload` the dense store leaves the
-device after pre-fill and a dense/chunked question gathers a full copy back.
+The peak is the largest of three phases that hold different things at once: pre-fill (weights + store with
+its spare slots + globals + the larger of a vision batch and a pre-fill block), building the sparse KV
+(bi-level, at its first question), and a question (weights + store [+ sparse] + its cache and activations).
+With `offload` the dense store leaves the device after pre-fill and a dense/chunked question gathers a full
+copy back. Chunk sizes are read from the engine's modules (`engine_constants`).
 
 The attention kernels are assumed fused (no L x L matrices, grouped K/V heads not expanded), as the engine's
 mask-free calls get on CUDA; `benchmarks/gpu_check.py` measures the real peak on a GPU to compare.
@@ -35,6 +36,7 @@ Activation figures are estimates (a few percent of the total at long videos); th
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -266,6 +268,25 @@ def gb(value: float) -> str:
     return f"{value / GB:.2f} GB"
 
 
+def engine_constants() -> dict[str, int | None]:
+    """Chunk sizes the engine works in (read from its modules, so the estimate follows them): spare store
+    slots for questions, groups per sparse-build chunk, keys per scoring chunk and per RoPE chunk. None:
+    the engine does that step in one piece."""
+
+    def read(module: str, name: str, default):
+        try:
+            return getattr(importlib.import_module(f"{__package__}.{module}"), name, default)
+        except ImportError:
+            return default
+
+    return dict(
+        spare=read("prefill", "SPARE_TOKENS", 0),
+        sparse_groups=read("memory", "SPARSE_CHUNK_GROUPS", None),
+        score_keys=read("select", "SCORE_CHUNK", None),
+        rope_keys=read("runner", "ROPE_CHUNK", None),
+    )
+
+
 def estimate(
     config,
     counts: TokenCounts,
@@ -283,6 +304,7 @@ def estimate(
     s = Shape.of(config)
     b = dtype_bytes(dtype)
     kvpt = kv_bytes_per_token(config, kv_dtype if kv_dtype is not None else dtype)
+    const = engine_constants()
     mode = settings.mode
     bilevel = mode == "bilevel"
     batch = frames_per_batch or default_frames_per_batch(config, settings)
@@ -292,20 +314,21 @@ def estimate(
         weights = weight_bytes(config, dtype)
 
     video_kv = counts.video_end * kvpt
-    globals_ = (counts.prefix + counts.time) * kvpt
+    store = video_kv + const["spare"] * kvpt
+    globals_ = (counts.prefix + counts.time) * kvpt if mode != "dense" else 0
     pooled = counts.groups * (counts.per_group // max(1, settings.compression))
     sparse_kv = (counts.time + pooled) * kvpt if bilevel else 0
 
     vision = vision_batch_bytes(s, batch, b)
     block = prefill_block_bytes(s, counts, settings, batch, b, kvpt)
-    build = sparse_build_bytes(s, counts, b) if bilevel else 0
-    cache, acts = question_bytes(s, counts, settings, b, kvpt)
+    build = sparse_build_bytes(s, counts, b, const["sparse_groups"]) if bilevel else 0
+    cache, acts = question_bytes(s, counts, settings, b, kvpt, const)
     assembled = video_kv if not bilevel else assembled_tokens(counts, settings) * kvpt
 
-    resident = weights + (0 if settings.offload else video_kv)
-    phases = {"pre-fill": weights + video_kv + globals_ + max(vision, block)}
-    if bilevel:
-        phases["sparse build"] = weights + video_kv + globals_ + sparse_kv + build
+    resident = weights + (0 if settings.offload else store)
+    phases = {"pre-fill": weights + store + globals_ + max(vision, block)}
+    if bilevel:  # built by the first bi-level question, after pre-fill
+        phases["sparse build"] = resident + sparse_kv + build
     phases["question"] = resident + sparse_kv + cache + acts
     return MemoryEstimate(
         frames=counts.frames,
@@ -358,40 +381,49 @@ def prefill_block_bytes(s: Shape, counts: TokenCounts, settings, frames: int, b:
     n = settings.block_size * (counts.per_group + counts.max_time)
     n = max(n, counts.prefix)
     embeds = (-(-frames // 4)) * s.per_group * s.hidden * b
-    hidden = 2 * n * s.hidden * b  # embeddings, then with the visual rows scattered in
+    hidden = 2 * n * s.hidden * b  # embeddings, then with the visual rows written in
     gathered = 0
     if settings.mode != "dense":
         window = (settings.prev_blocks + 1) * n
         gathered = (counts.prefix + counts.time + window) * kvpt // s.layers  # one layer's K and V
-    out = 2 * n * s.heads * s.head_dim * b  # the block's output buffer and a row gather of Q
+    out = 2 * n * s.heads * s.head_dim * b  # the block's output buffer and a row slice of Q
     return embeds + hidden + n * token_activation_bytes(s, b) + gathered + out
 
 
-def sparse_build_bytes(s: Shape, counts: TokenCounts, b: int) -> int:
-    """Un-rotating and pooling one layer's keys at a time: cos/sin tables (fp32) of every time and visual
-    token, the gathered keys and values, and RoPE's fp32 copies of one layer's visual keys."""
-    visual = counts.groups * counts.per_group
-    tables = 2 * (counts.time + visual) * s.head_dim * 4
-    layer = s.kv_heads * visual * s.head_dim
-    return tables + layer * (2 * b + 4 * 4)
+def rope_temporaries(s: Shape, keys: int, b: int) -> int:
+    """Rotating `keys` keys of one layer: cos/sin tables and the fp32 copies RoPE makes."""
+    return 2 * keys * s.head_dim * 4 + s.kv_heads * keys * s.head_dim * (2 * b + 4 * 4)
 
 
-def question_bytes(s: Shape, counts: TokenCounts, settings, b: int, kvpt: int) -> tuple[int, int]:
-    """(cache, activations) of one question. Dense/chunked: the question and answer run in spare room of
-    the store (a full copy when the store was offloaded). Bi-level: scoring over a copy of the all-sparse
-    cache (fp32 attention rows of the question), then the mixed cache, re-rotated one layer at a time."""
+def sparse_build_bytes(s: Shape, counts: TokenCounts, b: int, chunk_groups: int | None) -> int:
+    """Deriving the sparse KV one chunk of groups and one layer at a time: the chunk's keys un-rotated
+    (tables and fp32 copies), its values, and the gathered rows before pooling."""
+    groups = min(counts.groups, chunk_groups or counts.groups)
+    tokens = groups * (counts.per_group + counts.max_time)
+    return rope_temporaries(s, tokens, b) + 2 * s.kv_heads * tokens * s.head_dim * b
+
+
+def question_bytes(s: Shape, counts: TokenCounts, settings, b: int, kvpt: int, const) -> tuple[int, int]:
+    """(cache, activations) of one question. Dense/chunked: the question and answer run in the store's
+    spare slots (grown if short; a full copy when the store was offloaded). Bi-level: scoring reads the
+    sparse KV chunk by chunk (fp32 rows of the question's attention), then the mixed cache is assembled
+    and re-rotated chunk by chunk."""
     extra = counts.question + counts.answer
     n = counts.question
-    logits = s.vocab * 4 * 2
-    decode = n * token_activation_bytes(s, b) + logits
+    decode = n * token_activation_bytes(s, b) + s.vocab * 4 * 2  # + the logits
     if settings.mode != "bilevel":
-        cache = extra * kvpt + (counts.video_end * kvpt if settings.offload else 0)
-        return cache, decode
-    pooled_per_group = counts.per_group // max(1, settings.compression)
-    all_sparse = counts.prefix + counts.time + counts.groups * pooled_per_group
-    scoring = all_sparse * kvpt + 3 * n * s.heads * (all_sparse + n) * 4 + decode
+        if settings.offload:
+            return (counts.video_end + extra) * kvpt, decode
+        short = max(0, extra - const["spare"])
+        grow = counts.video_end * kvpt // s.layers // 2 if short else 0  # one layer's K or V re-allocated
+        return short * kvpt, decode + grow
+    all_sparse = (
+        counts.prefix + counts.time + counts.groups * (counts.per_group // max(1, settings.compression))
+    )
+    chunk = min(all_sparse, const["score_keys"] or all_sparse)
+    scoring = rope_temporaries(s, chunk, b) + 3 * n * s.heads * chunk * 4 + decode
     mixed = assembled_tokens(counts, settings)
-    rotate = 2 * mixed * s.head_dim * 4 + s.kv_heads * mixed * s.head_dim * 4 * 4
+    rotate = rope_temporaries(s, min(mixed, const["rope_keys"] or mixed), b)
     cache = (mixed + extra) * kvpt
     return cache, max(scoring - cache, rotate + decode, 0)
 
