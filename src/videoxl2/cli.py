@@ -30,6 +30,23 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--offload", action="store_true", help="keep the dense video KV in CPU memory (GPU runs)"
     )
+    _add_reader_args(parser)
+
+
+def _add_reader_args(parser: argparse.ArgumentParser) -> None:
+    """How the video is read: decoder threads and processes (the frames are the same either way)."""
+    from .video.decode import default_decode_workers
+
+    parser.add_argument(
+        "--decode-threads", type=int, default=None, help="FFmpeg decoding threads (default: FFmpeg's choice)"
+    )
+    parser.add_argument(
+        "--decode-workers",
+        type=int,
+        default=default_decode_workers(),
+        help="processes decoding stretches of the video in parallel (default: one per 4 cores, "
+        f"here {default_decode_workers()})",
+    )
 
 
 def _add_memory_args(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +140,8 @@ def run_chat(args) -> int:
             max_sample_fps=args.max_fps,
             settings=settings,
             progress=False if args.json else None,
+            decode_threads=args.decode_threads,
+            decode_workers=args.decode_workers,
         )
         units = external_units(args, settings, session)
         answer = session.ask(args.question, generation_config=generation, units=units)

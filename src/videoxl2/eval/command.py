@@ -83,6 +83,8 @@ def run(args) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        decode_threads=args.decode_threads,
+        decode_workers=args.decode_workers,
     )
     results = run_eval(settings)
     if results is not None:

@@ -59,6 +59,8 @@ class EvalSettings:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    decode_threads: int | None = None  # how the videos are read; the frames are the same either way
+    decode_workers: int = 1
 
 
 @dataclass
@@ -281,6 +283,7 @@ def answer_all(pending, bench, options, settings, config, world, path: Path) -> 
                         session = VideoSession.from_path(
                             model, tokenizer, video, config["max_frames"], config["fps"], config["max_fps"],
                             settings=engine, progress=False, remainder=config["remainder"],
+                            decode_threads=settings.decode_threads, decode_workers=settings.decode_workers,
                         )  # fmt: skip
                     asked = prepare_question(question, config["time_rule"])
                     with torch.inference_mode():

@@ -60,3 +60,8 @@ class SessionCache:
             self._items.move_to_end(key)
             while self.nbytes > self.max_bytes:
                 self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        """Drop every cached session (their memory is freed once no request holds them)."""
+        with self._lock:
+            self._items.clear()

@@ -24,13 +24,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-frames-limit", type=int, default=2048, help="most frames a request may ask for"
     )
+    from ..cli import _add_reader_args
+
+    _add_reader_args(parser)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser)
     parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1")
     parser.add_argument("--max-queue", type=int, default=8, help="requests admitted at once; more get 429")
-    parser.add_argument("--cache-gb", type=float, default=2.0, help="video memory cache size")
+    parser.add_argument(
+        "--cache-gb",
+        type=float,
+        default=None,
+        help="pre-filled videos kept for follow-up questions (default: half the device's free memory)",
+    )
     parser.add_argument("--allow-remote-urls", action="store_true", help="let requests name http(s) videos")
     parser.add_argument("--max-upload-mb", type=float, default=64.0, help="largest data: upload")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a request gets 504")
@@ -49,6 +57,8 @@ def settings_from(args, **extra):
         dtype=args.dtype,
         media_roots=args.media_root,
         max_frames_limit=args.max_frames_limit,
+        decode_threads=args.decode_threads,
+        decode_workers=args.decode_workers,
         **extra,
     )
 
@@ -63,7 +73,7 @@ def run_serve(args) -> int:
         args,
         api_key=args.api_key,
         max_queue=args.max_queue,
-        cache_bytes=int(args.cache_gb * 2**30),
+        cache_bytes=None if args.cache_gb is None else int(args.cache_gb * 2**30),
         allow_remote_urls=args.allow_remote_urls,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         timeout_s=args.timeout,

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import VideoXL2Error
+from ..errors import Cancelled, VideoXL2Error
 from .cache import SessionCache, file_digest
 from .errors import ServeError, from_library_error
 from .media import MediaPolicy, resolve_media
@@ -28,11 +28,22 @@ class ServeSettings:
     media_roots: list[str] = field(default_factory=list)
     api_key: str | None = None
     max_queue: int = 8  # requests admitted at once (running + waiting); more get 429
-    cache_bytes: int = 2 * 2**30
+    cache_bytes: int | None = None  # None: half the memory free on the model's device once it is loaded
     allow_remote_urls: bool = False
     max_upload_bytes: int = 64 * 2**20
     timeout_s: float = 300.0
     max_frames_limit: int = 2048  # the most frames one request may ask for
+    decode_threads: int | None = None  # how videos are read (the frames are the same either way)
+    decode_workers: int = 1
+
+
+def default_cache_bytes(model) -> int:
+    """Half the memory still free on the model's device (GPU memory on CUDA, RAM on CPU), at least 256 MiB:
+    a fixed budget is either smaller than one long video's memory or more than a small card has."""
+    from ..engine.budget import available_bytes
+
+    free = available_bytes(model.get_input_embeddings().weight.device)
+    return max(256 * 2**20, int(free or 0) // 2)
 
 
 @dataclass
@@ -51,10 +62,6 @@ class Job:
     local_path: Path | None = None  # set by the in-process UI only: a file it already holds, no URL checks
 
 
-class Cancelled(Exception):
-    """The client went away or the request timed out: stop generating and free the slot."""
-
-
 class VideoChatService:
     def __init__(self, settings: ServeSettings, model=None, tokenizer=None):
         from .. import load_model, load_tokenizer
@@ -68,7 +75,9 @@ class VideoChatService:
         self.policy = MediaPolicy(
             [Path(r) for r in settings.media_roots], settings.allow_remote_urls, settings.max_upload_bytes
         )
-        self.cache = SessionCache(settings.cache_bytes)
+        self.cache = SessionCache(
+            default_cache_bytes(self.model) if settings.cache_bytes is None else settings.cache_bytes
+        )
         self.scratch = Path(tempfile.mkdtemp(prefix="videoxl2-serve-"))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="videoxl2-model")
         self._admitted = 0
@@ -125,14 +134,35 @@ class VideoChatService:
 
     # -- the worker ------------------------------------------------------------------------------------
     def _run(self, job: Job, on_text, cancel: threading.Event, queued: float) -> dict:
+        import torch
+
         try:
             if cancel.is_set():
-                raise Cancelled()
+                raise Cancelled("request cancelled before it started")
             return self.answer(job, on_text, cancel, time.perf_counter() - queued)
+        except Cancelled:
+            raise
         except VideoXL2Error as err:
             raise from_library_error(err) from err
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            raise self._out_of_memory() from err
         finally:
             self._release()
+
+    def _out_of_memory(self) -> ServeError:
+        """Free what the server holds (cached sessions, the allocator's cache) so the next request can run."""
+        import gc
+
+        import torch
+
+        self.cache.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return ServeError(
+            503, "out of memory answering this request; the video cache was emptied: retry, or ask for "
+            "fewer frames (max_frames)",
+        )  # fmt: skip
 
     def answer(
         self, job: Job, on_text=None, cancel: threading.Event | None = None, queue_s: float = 0.0
@@ -161,9 +191,10 @@ class VideoChatService:
                 if not hit:
                     session = VideoSession.from_path(
                         self.model, self.tokenizer, path, job.max_frames, job.sample_fps, job.max_sample_fps,
-                        settings=engine, progress=False,
+                        settings=engine, progress=False, decode_threads=self.settings.decode_threads,
+                        decode_workers=self.settings.decode_workers,
                     )  # fmt: skip
-                    session.prefill()
+                    session.prefill(cancel=cancel)
                     self.cache.put(key, session)
                 prepared = time.perf_counter()
                 on_token = self._streamer(on_text, cancel, job.generation)
@@ -213,7 +244,7 @@ class VideoChatService:
         def on_token(token: int) -> None:
             nonlocal sent
             if cancel is not None and cancel.is_set():
-                raise Cancelled()
+                raise Cancelled("request cancelled while answering")
             if on_text is None:
                 return
             generated.append(token)
