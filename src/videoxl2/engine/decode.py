@@ -1,8 +1,13 @@
-"""Answering from an assembled cache: the question runs on it, then tokens are generated one by one.
+"""Answering from a question's cache: the question runs on it, then tokens are generated one by one.
 
-Attention is plain causal over whatever cache was assembled (dense, or bi-level mixed). New keys and values
-are written into the cache's spare capacity, so a token costs one read of the cache, not a copy of it
-(transformers' DynamicCache concatenates on every step), and grouped-query attention never expands the KV.
+Attention is causal over whatever cache the question got (the pre-fill store itself for dense and chunked
+questions, an assembled bi-level cache otherwise). New keys and values are written into the cache's spare
+capacity, so a token costs one read of the cache, not a copy of it (transformers' DynamicCache concatenates
+on every step), and grouped-query attention never expands the KV. The question's tokens attend to the cache
+and to each other with one lower-right causal call, a generated token with one unmasked call.
+
+Host-device synchronisation: a generated token costs one — its logits are copied to the host, where the
+next token is chosen; the token then goes back up without blocking.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import torch
 
 from ..generation import GenerationSettings, generate_tokens
 from .memory import MixedCache
-from .prefill import LayerRunner, attention
+from .runner import LayerRunner, attention, upload
 
 
 @torch.inference_mode()
@@ -22,16 +27,13 @@ def run_on_cache(runner: LayerRunner, model, cache: MixedCache, token_ids: torch
     end = start + n
     cache.reserve(n)
     offset = cache.next_position - start  # cache slot -> RoPE position
-    mask = None
-    if n > 1:
-        mask = torch.arange(end, device=device)[None] <= torch.arange(start, end, device=device)[:, None]
 
     def attend(layer, q, k, v):
         cache.keys[layer][:, start:end] = k
         cache.values[layer][:, start:end] = v
-        return attention(q, cache.keys[layer][:, :end], cache.values[layer][:, :end], mask)
+        return attention(q, cache.keys[layer][:, :end], cache.values[layer][:, :end], causal=True)
 
-    embeds = model.get_input_embeddings()(token_ids.to(device))
+    embeds = model.get_input_embeddings()(upload(token_ids, device))
     hidden = runner.forward(embeds, torch.arange(start, end, device=device) + offset, attend)
     cache.length = end
     cache.next_position += n
@@ -47,13 +49,15 @@ def answer_from_cache(
     settings: GenerationSettings,
     on_token=None,
 ) -> list[int]:
-    """Generate the answer to `question_ids` (the text after the video); fills `mixed`'s spare capacity."""
+    """Generate the answer to `question_ids` (the text after the video); fills `mixed`'s spare capacity.
+    Logits are brought to the host once per token (the one synchronisation), so choosing the token there
+    makes no further transfer."""
     runner = LayerRunner(model)
     mixed.reserve(question_ids.numel() + int(settings.max_new_tokens))
-    first = run_on_cache(runner, model, mixed, question_ids)
+    first = run_on_cache(runner, model, mixed, question_ids).cpu()
     return generate_tokens(
         first,
-        lambda token: run_on_cache(runner, model, mixed, torch.tensor([token])),
+        lambda token: run_on_cache(runner, model, mixed, torch.tensor([token])).cpu(),
         tokenizer,
         settings,
         on_token,

@@ -1,14 +1,20 @@
 """VideoMemory: what pre-filling leaves behind, from which every question is answered.
 
 Per layer it keeps the dense KV of prefix + video (keys rotated at their original positions, as the
-pre-fill computed them) and a sparse KV per group: the group's time tokens plus its visual KV average-pooled
-along the sequence with step `compression` (144 -> 36 released). Sparse keys are stored *before* RoPE
-(spec quirk 5), so pooling averages un-rotated keys and any assembled cache can place them anywhere.
+pre-fill computed them), in the pre-fill store's own buffers: they have spare capacity past the video, so a
+question asked with every unit dense (dense and chunked modes) runs on the store itself — its tokens and the
+answer's go into the spare slots, the video part is never written, and nothing is copied.
 
-`assemble` builds the cache a question runs on: prefix dense, then per selection unit (`unit_size` groups)
-either its dense KV or its sparse KV. With `rerotate` (the release's bi-level way) the assembled keys sit at
-contiguous positions 0..M-1; otherwise each key keeps its original position (pooled keys: the mean of
-theirs) and the question continues at the original length.
+For bi-level questions there is also a sparse KV per group: the group's time tokens plus its visual KV
+average-pooled along the sequence with step `compression` (144 -> 36 released). It is built from the dense
+KV the first time a question needs it (`build_sparse`), never in dense or chunked sessions. Sparse keys are
+stored *before* RoPE (spec quirk 5), so pooling averages un-rotated keys and any assembled cache can place
+them anywhere.
+
+`assemble` builds a separate cache: prefix dense, then per selection unit (`unit_size` groups) either its
+dense KV or its sparse KV. With `rerotate` (the release's bi-level way) the assembled keys sit at contiguous
+positions 0..M-1; otherwise each key keeps its original position (pooled keys: the mean of theirs) and the
+question continues at the original length. `question_cache` picks the store itself or `assemble`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +32,11 @@ from safetensors.torch import save_file
 
 from ..errors import ConfigError, InputError
 from ..prompt import GroupSpan, TokenLayout
-from .prefill import KVStore, LayerRunner, apply_rope
+from .prefill import SPARE_TOKENS, KVStore
+from .runner import LayerRunner, apply_rope, upload
 
 FORMAT_VERSION = 1
+SPARSE_CHUNK_GROUPS = 64  # groups turned into sparse KV at a time (bounds the fp32 temporaries)
 
 
 @dataclass
@@ -74,85 +83,116 @@ class MixedCache:
         self.values = [grow(t) for t in self.values]
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return True
+
+
 class VideoMemory:
     def __init__(
         self,
         layout: TokenLayout,
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
-        sparse_keys: list[torch.Tensor],
-        sparse_values: list[torch.Tensor],
-        sparse_offsets: list[int],
-        sparse_positions: torch.Tensor,
         unit_size: int,
         compression: int,
+        sparse_keys: list[torch.Tensor] | None = None,
+        sparse_values: list[torch.Tensor] | None = None,
     ):
+        """`keys`/`values`: per layer (kv_heads, capacity, D) with capacity >= the video's length; the part
+        past the video is spare room for question caches."""
         self.layout = layout
-        self.keys, self.values = keys, values
-        self.sparse_keys, self.sparse_values = sparse_keys, sparse_values
-        self.sparse_offsets = sparse_offsets
-        self.sparse_positions = sparse_positions
+        self._key_buffers, self._value_buffers = list(keys), list(values)
+        self._set_views()
         self.unit_size = unit_size
         self.compression = compression
+        self.sparse_keys, self.sparse_values = sparse_keys, sparse_values
+        self._lent = False  # the spare capacity is in use by a question cache
+        per_group = [g.end - g.visual_start for g in layout.groups]
+        if any(count % compression for count in per_group):
+            raise ConfigError(
+                f"compression {compression} must divide the {per_group[0]} visual tokens of a group"
+            )
+        self.sparse_offsets = [0]
+        for g, count in zip(layout.groups, per_group):
+            tokens = g.visual_start - g.time_start + count // compression
+            self.sparse_offsets.append(self.sparse_offsets[-1] + tokens)
+
+    def _set_views(self) -> None:
+        length = self.layout.video_end
+        self.keys = [t[:, :length] for t in self._key_buffers]
+        self.values = [t[:, :length] for t in self._value_buffers]
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
     def from_store(
         cls, store: KVStore, layout: TokenLayout, runner: LayerRunner, unit_size: int, compression: int
     ) -> VideoMemory:
-        """Take the dense KV from a finished pre-fill and derive the sparse KV of every group."""
-        per_group = layout.groups[0].end - layout.groups[0].visual_start
-        if per_group % compression:
-            raise ConfigError(
-                f"compression {compression} must divide the {per_group} visual tokens of a group"
-            )
-        device = store.keys[0].device
-        time_rows, pooled_rows, offsets, positions = [], [], [0], []
-        pooled_per_group = per_group // compression
-        for group in layout.groups:
-            count = group.visual_start - group.time_start
-            time_rows.append(torch.arange(group.time_start, group.visual_start))
+        """Take a finished pre-fill's store (its buffers, not a copy). The sparse KV comes later, if a
+        bi-level question needs it (`build_sparse`)."""
+        return cls(layout, store.key_buffers, store.value_buffers, unit_size, compression)
+
+    @property
+    def has_sparse(self) -> bool:
+        return self.sparse_keys is not None
+
+    @property
+    def sparse_positions(self) -> torch.Tensor:
+        """(S,) float64: the original position of each sparse token (pooled ones: the mean of theirs)."""
+        positions = []
+        for group in self.layout.groups:
             positions.append(torch.arange(group.time_start, group.visual_start, dtype=torch.float64))
             visual = torch.arange(group.visual_start, group.end, dtype=torch.float64)
-            positions.append(visual.view(pooled_per_group, compression).mean(1))
-            pooled_rows.append(torch.arange(group.visual_start, group.end))
-            offsets.append(offsets[-1] + count + pooled_per_group)
-        time_index = torch.cat(time_rows).to(device)
-        visual_index = torch.cat(pooled_rows).to(device)
-        # Where each piece lands in the sparse sequence: per group, its time tokens then its pooled tokens.
-        is_time = torch.cat(
-            [
-                torch.cat(
-                    [torch.ones(len(t), dtype=torch.bool), torch.zeros(pooled_per_group, dtype=torch.bool)]
-                )
-                for t in time_rows
-            ]
-        ).to(device)
-        sparse_keys, sparse_values = [], []
-        time_tables = runner.rope_tables(-time_index.double(), store.keys[0])
-        visual_tables = runner.rope_tables(-visual_index.double(), store.keys[0])
-        for keys, values in zip(store.keys, store.values):
-            pre_time = apply_rope(keys[:, time_index], *time_tables)  # undo RoPE: rotate back
-            pre_visual = apply_rope(keys[:, visual_index], *visual_tables)
-            pooled_k = pool(pre_visual, compression)
-            pooled_v = pool(values[:, visual_index], compression)
-            k = keys.new_empty(keys.shape[0], offsets[-1], keys.shape[2])
-            v = torch.empty_like(k)
-            k[:, is_time], v[:, is_time] = pre_time, values[:, time_index]
-            k[:, ~is_time], v[:, ~is_time] = pooled_k, pooled_v
-            sparse_keys.append(k)
-            sparse_values.append(v)
-        return cls(
-            layout,
-            store.keys,
-            store.values,
-            sparse_keys,
-            sparse_values,
-            offsets,
-            torch.cat(positions),
-            unit_size,
-            compression,
-        )
+            positions.append(visual.view(-1, self.compression).mean(1))
+        return torch.cat(positions)
+
+    @torch.inference_mode()
+    def build_sparse(self, runner: LayerRunner) -> None:
+        """Derive every group's sparse KV from the dense KV (once), on the model's device.
+
+        Groups are processed `SPARSE_CHUNK_GROUPS` at a time: the chunk's dense keys are rotated back to
+        position 0 (RoPE undone), its time tokens kept and its visual tokens pooled, then written into the
+        sparse buffers; temporaries stay the size of one chunk of one layer."""
+        if self.sparse_keys is not None:
+            return
+        self.check_model(runner)
+        device, layout, step = runner.device, self.layout, self.compression
+        shape = (self.keys[0].shape[0], self.sparse_offsets[-1], self.keys[0].shape[2])
+        sparse_keys = [torch.empty(shape, dtype=self.dtype, device=device) for _ in self.keys]
+        sparse_values = [torch.empty(shape, dtype=self.dtype, device=device) for _ in self.keys]
+        groups = layout.groups
+        for first in range(0, len(groups), SPARSE_CHUNK_GROUPS):
+            chunk = groups[first : first + SPARSE_CHUNK_GROUPS]
+            a, b = chunk[0].time_start, chunk[-1].end
+            time_rows, visual_rows, time_dst, pooled_dst = [], [], [], []
+            cursor = 0
+            for g in chunk:
+                count, pooled = g.visual_start - g.time_start, (g.end - g.visual_start) // step
+                time_rows.append(torch.arange(g.time_start - a, g.visual_start - a))
+                visual_rows.append(torch.arange(g.visual_start - a, g.end - a))
+                time_dst.append(torch.arange(cursor, cursor + count))
+                pooled_dst.append(torch.arange(cursor + count, cursor + count + pooled))
+                cursor += count + pooled
+            time_rows, visual_rows, time_dst, pooled_dst = (
+                upload(torch.cat(x), device) for x in (time_rows, visual_rows, time_dst, pooled_dst)
+            )
+            cos, sin = runner.rope_tables(-torch.arange(a, b, dtype=torch.float64), device)
+            s0, s1 = self.sparse_offsets[first], self.sparse_offsets[first + len(chunk)]
+            for layer in range(len(self.keys)):
+                keys = self.keys[layer][:, a:b].to(device, non_blocking=True)
+                values = self.values[layer][:, a:b].to(device, non_blocking=True)
+                pre = apply_rope(keys, cos, sin)  # undo RoPE: rotate back
+                out_k, out_v = sparse_keys[layer][:, s0:s1], sparse_values[layer][:, s0:s1]
+                out_k.index_copy_(1, time_dst, pre.index_select(1, time_rows))
+                out_v.index_copy_(1, time_dst, values.index_select(1, time_rows))
+                out_k.index_copy_(1, pooled_dst, pool(pre.index_select(1, visual_rows), step))
+                out_v.index_copy_(1, pooled_dst, pool(values.index_select(1, visual_rows), step))
+        self.sparse_keys, self.sparse_values = sparse_keys, sparse_values
 
     # -- geometry -----------------------------------------------------------------------------------------
     @property
@@ -180,31 +220,110 @@ class VideoMemory:
     def device(self) -> torch.device:
         return self.keys[0].device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+    @property
+    def spare(self) -> int:
+        """Slots past the video in the dense buffers (room for a question and its answer)."""
+        return int(self._key_buffers[0].shape[1]) - self.layout.video_end
+
     def dense_bytes(self) -> int:
+        """Bytes of the video's dense KV."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def sparse_bytes(self) -> int:
+        """Bytes the sparse KV holds now (0 until a bi-level question built it)."""
+        if self.sparse_keys is None:
+            return 0
         return sum(t.numel() * t.element_size() for t in (*self.sparse_keys, *self.sparse_values))
+
+    def sparse_size_bytes(self) -> int:
+        """Bytes the sparse KV takes once built."""
+        kv_heads, _, dim = self.keys[0].shape
+        return 2 * len(self.keys) * kv_heads * self.sparse_offsets[-1] * dim * self.keys[0].element_size()
 
     def to(self, device) -> VideoMemory:
         """Move the dense KV (the bulk) to `device`, e.g. "cpu" to offload while the model stays on GPU;
-        `assemble` gathers what a question needs back onto the compute device."""
-        self.keys = [t.to(device) for t in self.keys]
-        self.values = [t.to(device) for t in self.values]
+        `assemble` gathers what a question needs back onto the compute device. The spare room is dropped."""
+        if _same_device(device, self.device):
+            return self
+        self._key_buffers = [t.to(device) for t in self.keys]
+        self._value_buffers = [t.to(device) for t in self.values]
+        self._set_views()
         return self
 
-    # -- assembling a question's cache --------------------------------------------------------------------
-    def assemble(
-        self, runner: LayerRunner, dense_units=None, rerotate: bool = True, device=None, reserve: int = 0
-    ) -> MixedCache:
-        """Cache for a question: prefix dense, each unit dense if in `dense_units` (None: all) else sparse;
-        `reserve` spare slots for the question and answer."""
-        layout = self.layout
-        device = torch.device(device) if device is not None else self.sparse_keys[0].device
+    def check_model(self, runner: LayerRunner) -> None:
+        """Refuse (one line) a model computing in another dtype than the memory holds."""
+        if runner.dtype != self.dtype:
+            raise InputError(
+                f"this video memory holds {str(self.dtype).removeprefix('torch.')} KV but the model computes "
+                f"in {str(runner.dtype).removeprefix('torch.')}: load it with VideoMemory.load(..., "
+                f"dtype=torch.{str(runner.dtype).removeprefix('torch.')})"
+            )
+
+    # -- a question's cache -------------------------------------------------------------------------------
+    def _check_units(self, dense_units) -> set[int]:
         dense = set(range(self.num_units)) if dense_units is None else {int(u) for u in dense_units}
         bad = sorted(u for u in dense if not 0 <= u < self.num_units)
         if bad:
             raise InputError(f"selected units {bad} out of range: the video has {self.num_units} units")
+        return dense
+
+    def _grow(self, spare: int) -> None:
+        """Re-allocate the dense buffers with `spare` slots past the video (one layer at a time)."""
+        length = self.layout.video_end
+        for buffers in (self._key_buffers, self._value_buffers):
+            for i, old in enumerate(buffers):
+                new = old.new_empty(old.shape[0], length + spare, old.shape[2])
+                new[:, :length] = old[:, :length]
+                buffers[i] = new
+        self._set_views()
+
+    @contextmanager
+    def question_cache(self, runner: LayerRunner, dense_units=None, rerotate=True, device=None, reserve=0):
+        """The cache a question runs on, with room for `reserve` more tokens.
+
+        Every unit dense, on the compute device: the memory's own buffers — the question and answer go into
+        the spare slots past the video (grown once, for good, if they are short) and the video part is never
+        written, so nothing is copied; the slots are free again when the block ends. Otherwise (a bi-level
+        selection, an offloaded memory, or the spare slots already lent to another question): `assemble`."""
+        self.check_model(runner)
+        device = runner.device if device is None else torch.device(device)
+        dense = self._check_units(dense_units)
+        if len(dense) < self.num_units or self._lent or not _same_device(device, self.device):
+            yield self.assemble(runner, dense_units, rerotate=rerotate, device=device, reserve=reserve)
+            return
+        if reserve > self.spare:
+            self._grow(max(reserve, SPARE_TOKENS))
+        length = self.layout.video_end
+        slices, cursor = [], self.layout.video_start
+        for u in range(self.num_units):
+            first, last = self.unit_groups(u)
+            end = self.layout.groups[last].end
+            slices.append((cursor, end))
+            cursor = end
+        self._lent = True
+        try:
+            yield MixedCache(
+                list(self._key_buffers), list(self._value_buffers), length, length, slices, sorted(dense)
+            )
+        finally:
+            self._lent = False
+
+    def assemble(
+        self, runner: LayerRunner, dense_units=None, rerotate: bool = True, device=None, reserve: int = 0
+    ) -> MixedCache:
+        """A new cache for a question: prefix dense, each unit dense if in `dense_units` (None: all) else
+        sparse; `reserve` spare slots for the question and answer. (`question_cache` avoids the copy when
+        every unit is dense.)"""
+        self.check_model(runner)
+        layout = self.layout
+        device = torch.device(device) if device is not None else runner.device
+        dense = self._check_units(dense_units)
+        if len(dense) < self.num_units:
+            self.build_sparse(runner)
         dense_src = [torch.arange(0, layout.video_start)]
         dense_dst = [torch.arange(0, layout.video_start)]
         sparse_src, sparse_dst, slices = [], [], []
@@ -233,36 +352,38 @@ class VideoMemory:
             dense_turn = torch.zeros(dense_src.numel(), dtype=torch.float64)
             sparse_turn = self.sparse_positions[sparse_src]
             next_position = layout.video_end
+        # Index tensors are made on the host and uploaded once, not per layer.
+        d_src, d_dst = upload(dense_src, self.device), upload(dense_dst, device)
+        s_src, s_dst = upload(sparse_src, device), upload(sparse_dst, device)
         keys, values = [], []
         for layer in range(len(self.keys)):
             shape = (self.keys[layer].shape[0], cursor + reserve, self.keys[layer].shape[2])
-            k = torch.empty(shape, dtype=self.keys[layer].dtype, device=device)
+            k = torch.empty(shape, dtype=self.dtype, device=device)
             v = torch.empty_like(k)
-            k[:, dense_dst.to(device)] = self.keys[layer][:, dense_src.to(self.device)].to(device)
-            v[:, dense_dst.to(device)] = self.values[layer][:, dense_src.to(self.device)].to(device)
+            k.index_copy_(1, d_dst, self.keys[layer].index_select(1, d_src).to(device))
+            v.index_copy_(1, d_dst, self.values[layer].index_select(1, d_src).to(device))
             if sparse_src.numel():
-                k[:, sparse_dst.to(device)] = self.sparse_keys[layer][:, sparse_src.to(device)]
-                v[:, sparse_dst.to(device)] = self.sparse_values[layer][:, sparse_src.to(device)]
+                k.index_copy_(1, s_dst, self.sparse_keys[layer].index_select(1, s_src))
+                v.index_copy_(1, s_dst, self.sparse_values[layer].index_select(1, s_src))
             keys.append(k)
             values.append(v)
         turns = torch.empty(cursor, dtype=torch.float64)
         turns[dense_dst], turns[sparse_dst] = dense_turn, sparse_turn
-        if turns.abs().max() > 0:
-            cos, sin = runner.rope_tables(turns.to(device), keys[0])
-            for k in keys:
-                k[:, :cursor] = apply_rope(k[:, :cursor], cos, sin)
+        runner.rotate_(keys, turns)
         return MixedCache(keys, values, cursor, next_position, slices, sorted(dense))
 
     # -- persistence ----------------------------------------------------------------------------------------
     def save(self, path, metadata: dict | None = None) -> Path:
-        """Write to one safetensors file (atomically: a temp file renamed into place)."""
+        """Write to one safetensors file (atomically: a temp file renamed into place). The sparse KV is
+        written only if it was built."""
         path = Path(path)
-        tensors = {"input_ids": self.layout.input_ids.contiguous(), "sparse_positions": self.sparse_positions}
+        tensors = {"input_ids": self.layout.input_ids.contiguous()}
         for i in range(len(self.keys)):
             tensors[f"keys.{i}"] = self.keys[i].contiguous().cpu()
             tensors[f"values.{i}"] = self.values[i].contiguous().cpu()
-            tensors[f"sparse_keys.{i}"] = self.sparse_keys[i].contiguous().cpu()
-            tensors[f"sparse_values.{i}"] = self.sparse_values[i].contiguous().cpu()
+            if self.sparse_keys is not None:
+                tensors[f"sparse_keys.{i}"] = self.sparse_keys[i].contiguous().cpu()
+                tensors[f"sparse_values.{i}"] = self.sparse_values[i].contiguous().cpu()
         header = dict(
             format=FORMAT_VERSION,
             groups=[[g.time_start, g.visual_start, g.end, g.seconds] for g in self.layout.groups],
@@ -286,39 +407,76 @@ class VideoMemory:
         return path
 
     @classmethod
-    def load(cls, path, device="cpu") -> tuple[VideoMemory, dict]:
-        """Read a file written by `save`; returns the memory and the caller's metadata."""
+    def load(cls, path, device="cpu", dtype: torch.dtype | None = None) -> tuple[VideoMemory, dict]:
+        """Read a file written by `save` onto `device`, converted to `dtype` (None: as stored); returns the
+        memory and the caller's metadata. A memory used with a model of another dtype is refused
+        (`check_model`), so load it in the dtype the model computes in."""
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: no such memory file")
         try:
-            with safe_open(path, framework="pt", device=str(device)) as handle:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise InputError(f"{path}: cannot load onto device {device!r} ({err})") from err
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputError(f"{path}: a video memory holds floating-point KV, cannot convert it to {dtype}")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as handle:
                 header = json.loads((handle.metadata() or {})["videoxl2"])
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+                names = set(handle.keys())
+                if header.get("format") != FORMAT_VERSION:
+                    raise InputError(
+                        f"{path}: memory format {header.get('format')}, expected {FORMAT_VERSION}"
+                    )
+                layout = TokenLayout(
+                    input_ids=handle.get_tensor("input_ids"),
+                    groups=[GroupSpan(int(a), int(b), int(c), float(s)) for a, b, c, s in header["groups"]],
+                    video_start=header["video_start"],
+                    video_end=header["video_end"],
+                    video_token_id=header["video_token_id"],
+                )
+                layers = sum(1 for name in names if name.startswith("keys."))
+                has_sparse = f"sparse_keys.{layers - 1}" in names
+                tensors = {"keys": [], "values": [], "sparse_keys": [], "sparse_values": []}
+                for kind, tensor_list in tensors.items():
+                    if kind.startswith("sparse") and not has_sparse:
+                        continue
+                    spare = 0 if kind.startswith("sparse") else SPARE_TOKENS
+                    for i in range(layers):
+                        tensor_list.append(_read_layer(handle, f"{kind}.{i}", spare, device, dtype))
+        except InputError:
+            raise
         except Exception as err:
             raise InputError(f"{path}: not a videoxl2 memory file ({err})") from err
-        if header.get("format") != FORMAT_VERSION:
-            raise InputError(f"{path}: memory format {header.get('format')}, expected {FORMAT_VERSION}")
-        layers = sum(1 for name in tensors if name.startswith("keys."))
-        layout = TokenLayout(
-            input_ids=tensors["input_ids"].cpu(),
-            groups=[GroupSpan(int(a), int(b), int(c), float(s)) for a, b, c, s in header["groups"]],
-            video_start=header["video_start"],
-            video_end=header["video_end"],
-            video_token_id=header["video_token_id"],
-        )
+        shapes = {t.shape[::2] for t in (*tensors["keys"], *tensors["values"])}
+        dtypes = {t.dtype for group in tensors.values() for t in group}
+        if not layers or len(shapes) != 1 or len(dtypes) != 1:
+            raise InputError(f"{path}: inconsistent KV tensors (shapes {sorted(shapes)}, dtypes {dtypes})")
+        if any(t.shape[1] < layout.video_end for t in tensors["keys"]):
+            raise InputError(f"{path}: KV shorter than the video's {layout.video_end} tokens")
         memory = cls(
             layout,
-            [tensors[f"keys.{i}"] for i in range(layers)],
-            [tensors[f"values.{i}"] for i in range(layers)],
-            [tensors[f"sparse_keys.{i}"] for i in range(layers)],
-            [tensors[f"sparse_values.{i}"] for i in range(layers)],
-            header["sparse_offsets"],
-            tensors["sparse_positions"].cpu(),
+            tensors["keys"],
+            tensors["values"],
             header["unit_size"],
             header["compression"],
+            tensors["sparse_keys"] or None,
+            tensors["sparse_values"] or None,
         )
+        if memory.sparse_offsets != header["sparse_offsets"]:
+            raise InputError(f"{path}: sparse offsets do not match the layout")
         return memory, header.get("extra", {})
+
+
+def _read_layer(handle, name: str, spare: int, device: torch.device, dtype) -> torch.Tensor:
+    """One stored (kv_heads, n, D) tensor on `device` in `dtype`, with `spare` empty slots after it."""
+    stored = handle.get_tensor(name)
+    if stored.dim() != 3 or not stored.dtype.is_floating_point:
+        raise InputError(f"{name}: expected floating-point (kv_heads, tokens, head_dim), got {stored.dtype}")
+    heads, length, dim = stored.shape
+    out = torch.empty(heads, length + spare, dim, dtype=dtype or stored.dtype, device=device)
+    out[:, :length] = stored
+    return out
 
 
 def pool(x: torch.Tensor, step: int) -> torch.Tensor:

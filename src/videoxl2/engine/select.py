@@ -18,64 +18,100 @@ External selections (unit lists, or the release's `selected_infos` JSON) are acc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
 from .memory import MixedCache, VideoMemory
-from .prefill import LayerRunner
+from .runner import LayerRunner, apply_rope, upload
+
+SCORE_CHUNK = 8192  # cache keys scored at a time (bounds the fp32 logits and key temporaries)
+
+# A layer's cache keys in chunks: (keys, values, index of the first key in the cache).
+KeyChunks = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor, int]]]
+
+
+def sparse_visual_units(memory: VideoMemory) -> torch.Tensor:
+    """(M,) over the all-sparse cache (prefix, then per group its time tokens and pooled visual tokens):
+    the unit of each pooled visual key, -1 for the prefix and time-token keys."""
+    owner = [torch.full((memory.layout.video_start,), -1, dtype=torch.long)]
+    for group_index, group in enumerate(memory.layout.groups):
+        pooled = (group.end - group.visual_start) // memory.compression
+        owner.append(torch.full((group.visual_start - group.time_start,), -1, dtype=torch.long))
+        owner.append(torch.full((pooled,), group_index // memory.unit_size, dtype=torch.long))
+    return torch.cat(owner)
 
 
 def visual_key_units(memory: VideoMemory, cache: MixedCache) -> torch.Tensor:
     """(M,) unit index of each key of an all-sparse cache that is a pooled visual key, -1 for the prefix and
     time-token keys."""
-    owner = torch.full((cache.length,), -1, dtype=torch.long)
-    cursor = memory.layout.video_start
-    for group_index, group in enumerate(memory.layout.groups):
-        time_count = group.visual_start - group.time_start
-        pooled = (group.end - group.visual_start) // memory.compression
-        owner[cursor + time_count : cursor + time_count + pooled] = group_index // memory.unit_size
-        cursor += time_count + pooled
-    if cursor != cache.length:
+    owner = sparse_visual_units(memory)
+    if owner.numel() != cache.length:
         raise ValueError(
-            f"cache of {cache.length} keys is not the all-sparse cache of this memory ({cursor})"
+            f"cache of {cache.length} keys is not the all-sparse cache of this memory ({owner.numel()})"
         )
     return owner
+
+
+def relevance(
+    runner: LayerRunner, chunks: KeyChunks, position: int, question_embeds: torch.Tensor, key_units
+) -> torch.Tensor:
+    """(U,) relevance of each unit: at every layer, the softmax mass (fp32, over the cache plus the question's
+    own causal keys) of each head's question token on the unit's keys, summed over the unit's keys where
+    `key_units` >= 0, maxed over heads and question tokens; then averaged over layers.
+
+    The question's queries are grouped by K/V head, so keys are never expanded to every head; the cache is
+    read in chunks twice per layer (log-sum-exp, then weights, mass and output), only a chunk at a time
+    upcast to fp32. No SDPA call: the weights themselves are the result."""
+    n = question_embeds.shape[0]
+    device = question_embeds.device
+    kv, group, dim = runner.kv_heads, runner.heads // runner.kv_heads, runner.head_dim
+    scale = dim**-0.5
+    num_units = int(key_units.max()) + 1
+    bucket = upload(torch.where(key_units >= 0, key_units, num_units), device)  # -1 -> an extra bucket
+    own_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril().repeat(group, 1)  # row j*n + i
+    total = torch.zeros(num_units, dtype=torch.float32, device=device)
+
+    def attend(layer, q, k, v):
+        nonlocal total
+        qg = q.reshape(kv, group * n, dim).float()  # heads h = i * group + j share K/V head i
+
+        def logits(keys):
+            return (qg @ keys.float().transpose(1, 2)) * scale
+
+        own = logits(k).masked_fill_(~own_mask, float("-inf"))
+        lse = own.logsumexp(-1)
+        for keys, _, _ in chunks(layer):
+            lse = torch.logaddexp(lse, logits(keys).logsumexp(-1))
+        lse = lse[..., None]
+        mass = torch.zeros(kv, group * n, num_units + 1, dtype=torch.float32, device=device)
+        out = ((own - lse).exp_().to(v.dtype) @ v).float()
+        for keys, values, first in chunks(layer):
+            weights = (logits(keys) - lse).exp_()
+            mass.index_add_(2, bucket[first : first + keys.shape[1]], weights)
+            out += (weights.to(values.dtype) @ values).float()
+        total += mass[..., :num_units].amax((0, 1))
+        return out.view(kv, group, n, dim).reshape(kv * group, n, dim).to(q.dtype)
+
+    positions = torch.arange(position, position + n, device=device)
+    runner.forward(question_embeds, positions, attend)
+    return (total / runner.num_layers).cpu()
 
 
 @torch.inference_mode()
 def unit_relevance(
     runner: LayerRunner, cache: MixedCache, question_embeds: torch.Tensor, key_units: torch.Tensor
 ) -> torch.Tensor:
-    """(U,) relevance of each unit: at every layer, the softmax mass (fp32, over the cache plus the question's
-    own causal keys) of each head's question token on the unit's keys, summed over the unit's keys where
-    `key_units` >= 0, maxed over heads and question tokens; then averaged over layers."""
-    n, m = question_embeds.shape[0], cache.length
-    device = question_embeds.device
-    positions = torch.arange(cache.next_position, cache.next_position + n, device=device)
-    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    scale = runner.head_dim**-0.5
-    group = runner.heads // runner.kv_heads
-    counted = (key_units >= 0).nonzero().squeeze(1).to(device)
-    owner = key_units.to(device)[counted]
-    num_units = int(key_units.max()) + 1
-    total = torch.zeros(num_units, dtype=torch.float32, device=device)
+    """`relevance` of the question over an assembled cache (its keys at the positions they carry)."""
 
-    def attend(layer, q, k, v):
-        nonlocal total
-        keys = torch.cat([cache.keys[layer], k], 1).repeat_interleave(group, 0)
-        values = torch.cat([cache.values[layer], v], 1).repeat_interleave(group, 0)
-        logits = (q.float() @ keys.float().transpose(1, 2)) * scale
-        logits[:, :, m:].masked_fill_(~causal, float("-inf"))
-        weights = logits.softmax(-1)
-        per_unit = torch.zeros(*weights.shape[:2], num_units, dtype=torch.float32, device=device)
-        per_unit.index_add_(2, owner, weights[:, :, counted])
-        total += per_unit.amax((0, 1))
-        return (weights.to(values.dtype) @ values).to(q.dtype)
+    def chunks(layer):
+        for a in range(0, cache.length, SCORE_CHUNK):
+            b = min(a + SCORE_CHUNK, cache.length)
+            yield cache.keys[layer][:, a:b], cache.values[layer][:, a:b], a
 
-    runner.forward(question_embeds, positions, attend)
-    return (total / runner.num_layers).cpu()
+    return relevance(runner, chunks, cache.next_position, question_embeds, key_units)
 
 
 def choose_units(scores: torch.Tensor, topk: int) -> list[int]:
@@ -86,13 +122,28 @@ def choose_units(scores: torch.Tensor, topk: int) -> list[int]:
     return sorted(always | set(ranked[:topk]))
 
 
+@torch.inference_mode()
 def score_units(model, memory: VideoMemory, question_ids: torch.Tensor) -> torch.Tensor:
-    """Relevance of every unit of `memory` to the question tokens (the text after the video)."""
+    """Relevance of every unit of `memory` to the question tokens (the text after the video), over the
+    all-sparse cache at the pre-fill's positions: the memory's prefix keys and its sparse keys rotated chunk
+    by chunk as they are read, so no all-sparse cache is assembled."""
     runner = LayerRunner(model)
-    device = model.get_input_embeddings().weight.device
-    cache = memory.assemble(runner, dense_units=(), rerotate=False, device=device)
-    embeds = model.get_input_embeddings()(question_ids.to(device))
-    return unit_relevance(runner, cache, embeds, visual_key_units(memory, cache))
+    memory.check_model(runner)
+    memory.build_sparse(runner)
+    device, start = runner.device, memory.layout.video_start
+    positions = memory.sparse_positions
+    total = positions.numel()
+
+    def chunks(layer):
+        yield memory.keys[layer][:, :start].to(device), memory.values[layer][:, :start].to(device), 0
+        keys, values = memory.sparse_keys[layer], memory.sparse_values[layer]
+        for a in range(0, total, SCORE_CHUNK):
+            b = min(a + SCORE_CHUNK, total)
+            cos, sin = runner.rope_tables(positions[a:b], device)
+            yield apply_rope(keys[:, a:b], cos, sin), values[:, a:b], start + a
+
+    embeds = model.get_input_embeddings()(upload(question_ids, device))
+    return relevance(runner, chunks, memory.layout.video_end, embeds, sparse_visual_units(memory))
 
 
 def read_selection_file(path, video: str, question: str, unit_size: int) -> list[int] | None:

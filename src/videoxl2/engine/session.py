@@ -270,7 +270,7 @@ class VideoSession:
             prefill_attention_flops=actual,
             dense_attention_flops=dense,
             dense_kv_bytes=self.memory.dense_bytes(),
-            sparse_kv_bytes=self.memory.sparse_bytes(),
+            sparse_kv_bytes=self.memory.sparse_size_bytes(),
         )
         return self.memory
 
@@ -324,14 +324,17 @@ class VideoSession:
             stats["select_s"] = time.perf_counter() - start
         rerotate = self.settings.rerotate and self.settings.mode == "bilevel"
         reserve = question_ids.numel() + int(settings.max_new_tokens)
-        mixed = memory.assemble(
+        # Dense and chunked questions run on the pre-fill store itself (its spare slots); bi-level ones on
+        # an assembled mixed cache.
+        with memory.question_cache(
             self.runner, dense_units, rerotate=rerotate, device=self.device, reserve=reserve
-        )
-        video_kv_tokens, video_kv_bytes = mixed.length, mixed.nbytes()
-        ids = answer_from_cache(self.model, self.tokenizer, mixed, question_ids, settings, on_token)
+        ) as mixed:
+            video_kv_tokens, video_kv_bytes = mixed.length, mixed.nbytes()
+            ids = answer_from_cache(self.model, self.tokenizer, mixed, question_ids, settings, on_token)
+            selected = set(mixed.dense_units)
         infos = memory.units()
         for info in infos:
-            info.dense = info.index in mixed.dense_units
+            info.dense = info.index in selected
             info.score = None if unit_scores is None else float(unit_scores[info.index])
         stats.update(
             mode=self.settings.mode,

@@ -245,7 +245,7 @@ def continuation_logprob(session, context: str, continuation: str) -> tuple[floa
     engine's cache for the question (dense, or bi-level with the units the question selects), token by
     token as generation would see them."""
     from ..engine.decode import run_on_cache
-    from ..engine.prefill import LayerRunner
+    from ..engine.runner import LayerRunner
     from ..engine.select import choose_units, score_units
 
     model, settings = session.model, session.settings
@@ -261,20 +261,20 @@ def continuation_logprob(session, context: str, continuation: str) -> tuple[floa
     if settings.mode == "bilevel":
         scores = score_units(model, memory, question_ids)
         dense_units = choose_units(scores, settings.topk)
-    cache = memory.assemble(
+    runner = LayerRunner(model)
+    with memory.question_cache(
         session.runner,
         dense_units,
         rerotate=settings.rerotate and settings.mode == "bilevel",
         device=session.device,
         reserve=question_ids.numel() + len(target),
-    )
-    runner = LayerRunner(model)
-    logits = run_on_cache(runner, model, cache, question_ids)
-    logprob, greedy = 0.0, True
-    for position, token in enumerate(target):
-        scores = logits.float().log_softmax(-1)
-        logprob += float(scores[token])
-        greedy = greedy and int(scores.argmax()) == token
-        if position + 1 < len(target):
-            logits = run_on_cache(runner, model, cache, torch.tensor([token]))
+    ) as cache:
+        logits = run_on_cache(runner, model, cache, question_ids)
+        logprob, greedy = 0.0, True
+        for position, token in enumerate(target):
+            scores = logits.float().log_softmax(-1)
+            logprob += float(scores[token])
+            greedy = greedy and int(scores.argmax()) == token
+            if position + 1 < len(target):
+                logits = run_on_cache(runner, model, cache, torch.tensor([token]))
     return logprob, greedy
