@@ -31,6 +31,7 @@ from ..video import (
 )
 from ..video.decode import ReadStats
 from ..video.pipeline import Prefetcher
+from .budget import check_fits
 from .decode import answer_from_cache
 from .memory import VideoMemory
 from .prefill import StreamingPrefill
@@ -98,7 +99,11 @@ class VideoSession:
         settings: EngineSettings | None = None,
         source: str = "<frames>",
         progress: bool | None = None,
+        memory_budget: int | None = None,
     ):
+        """`memory_budget`: bytes this session may use beyond the loaded weights (default: what the model's
+        device has free); a session whose estimated peak is over it fails here, before any frame is decoded,
+        naming how many frames would fit (`MemoryBudgetError`)."""
         if not timestamps:
             raise InputError(f"{source}: no frames were sampled")
         self.model = model
@@ -124,6 +129,15 @@ class VideoSession:
                 f"{source}: {len(self.timestamps)} frames make {self.layout.length} tokens, over the model's "
                 f"context of {config.context_limit}: lower max_num_frames"
             )
+        self.memory_estimate = check_fits(
+            config,
+            self.layout,
+            self.settings,
+            self.dtype,
+            self.frames_per_batch(),
+            self.device,
+            memory_budget,
+        )
         self.read_stats: ReadStats | None = None
         self._clock = StageClock(torch.device("cpu"))
         self.memory: VideoMemory | None = None
@@ -145,6 +159,7 @@ class VideoSession:
         remainder: str = "pad",
         decode_threads: int | None = None,
         decode_workers: int = 1,
+        memory_budget: int | None = None,
     ) -> VideoSession:
         """A video file (sampled as the release does) or an image file (4 identical frames).
 
@@ -170,7 +185,9 @@ class VideoSession:
         batches = lambda size: iter_frame_batches(  # noqa: E731
             path, plan.indices, size, threads=decode_threads, workers=decode_workers, stats=read_stats
         )
-        session = cls(model, tokenizer, batches, plan.timestamps, settings, str(path), progress)
+        session = cls(
+            model, tokenizer, batches, plan.timestamps, settings, str(path), progress, memory_budget
+        )
         session.read_stats = read_stats
         session.stats["sampled_indices"] = list(plan.indices)
         session.stats["video_fps"] = info.avg_fps
@@ -191,6 +208,10 @@ class VideoSession:
     @property
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
 
     def frames_per_batch(self) -> int:
         """Frames decoded and encoded at a time: a whole number of pre-fill blocks."""
