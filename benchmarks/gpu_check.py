@@ -35,6 +35,7 @@ import contextlib
 import gc
 import inspect
 import json
+import math
 import os
 import platform
 import re
@@ -89,6 +90,11 @@ def reset_peak(device: torch.device, collect: bool = True) -> int:
     return rss_bytes()
 
 
+def reserved_bytes(device: torch.device) -> int | None:
+    """The allocator's peak reservation (allocated + cached blocks) on CUDA: what the card had to hold."""
+    return torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+
+
 def peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -124,6 +130,12 @@ def environment(device: torch.device) -> dict:
         transformers=transformers.__version__,
         python=platform.python_version(),
         cpu_count=os.cpu_count(),
+        sdp_enabled=dict(
+            flash=torch.backends.cuda.flash_sdp_enabled(),
+            efficient=torch.backends.cuda.mem_efficient_sdp_enabled(),
+            math=torch.backends.cuda.math_sdp_enabled(),
+            cudnn=torch.backends.cuda.cudnn_sdp_enabled(),
+        ),
     )
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -381,6 +393,7 @@ def run_session(model, tokenizer, mode: str, frames: int, args, device, dtype, r
         tokens=session.layout.video_end,
         prefill_s=round(time.perf_counter() - start, 3),
         prefill_peak_bytes=peak_bytes(device),
+        prefill_reserved_bytes=reserved_bytes(device),
         base_bytes=base,
         stage_s={k: round(v, 3) for k, v in session.stats.items() if k.endswith("_s")},
         estimate=found.as_dict(),
@@ -401,6 +414,7 @@ def run_session(model, tokenizer, mode: str, frames: int, args, device, dtype, r
         new_tokens=len(answer.token_ids),
         ms_per_token=round((stamps[-1] - stamps[0]) / steps * 1e3, 3) if steps > 0 else None,
         peak_bytes=peak_bytes(device),
+        reserved_bytes=reserved_bytes(device),
         kv_bytes=answer.stats.get("kv_bytes"),
         select_s=answer.stats.get("select_s"),
     )
@@ -700,9 +714,9 @@ def main(argv=None) -> dict:
         )
     result["sdpa"] = sites
     for index, site in enumerate(sites):
-        runs = phase(f"sdpa {index + 1}/{len(sites)}", replay, site["example"], device)
+        runs = phase(f"sdpa {index + 1}/{len(sites)}", replay, site["example"], device, reserve=-30)
         site["runs"] = runs
-    result["fits"] = phase("fits", fits, model, dtype, device, info, sessions)
+    result["fits"] = phase("fits", fits, model, dtype, device, info, sessions, reserve=-math.inf)
     result["table"] = table(result)
     save()
     print(result["table"])
