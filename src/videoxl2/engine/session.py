@@ -137,6 +137,7 @@ class VideoSession:
             self.frames_per_batch(),
             self.device,
             memory_budget,
+            frames=len(self.timestamps),
         )
         self.read_stats: ReadStats | None = None
         self._clock = StageClock(torch.device("cpu"))
