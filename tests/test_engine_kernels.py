@@ -126,6 +126,28 @@ def test_scoring_and_decoding_are_mask_free(case, recorder, monkeypatch):
     assert sum(c["q"][2] == 1 and c["mask"] is None for c in recorder.calls) > 0
 
 
+def test_cpu_query_slices_are_exact(case, monkeypatch):
+    """On CPU a large lower-right call is split into query slices (torch materialises its mask there): the
+    same K/V and logits as one call per layer, to float rounding (measured ~6e-6)."""
+    from videoxl2.engine import runner as runner_module
+
+    model, _, layout, embeds = case
+    question = layout.input_ids[layout.video_end :]
+    results = []
+    for budget in (runner_module.CPU_MASK_ELEMENTS, 50):
+        monkeypatch.setattr(runner_module, "CPU_MASK_ELEMENTS", budget)
+        with torch.inference_mode():
+            prefill = prefill_video(model, layout, batches(embeds), True, 2, 1)
+            dense = prefill_video(model, layout, batches(embeds), False, 2, 1)
+        memory = VideoMemory.from_store(prefill.store, layout, prefill.runner, 2, 4)
+        with memory.question_cache(prefill.runner, reserve=question.numel()) as mixed:
+            logits = run_on_cache(prefill.runner, model, mixed, question)
+        results.append((prefill.store.keys + dense.store.values, logits))
+    (kv_one, logits_one), (kv_sliced, logits_sliced) = results
+    assert max((a - b).abs().max().item() for a, b in zip(kv_one, kv_sliced)) <= 2e-5
+    assert (logits_one - logits_sliced).abs().max().item() <= 1e-4
+
+
 def storages(tensors) -> list[int]:
     return [t.untyped_storage().data_ptr() for t in tensors]
 

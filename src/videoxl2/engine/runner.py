@@ -9,7 +9,9 @@ lay their key sets out so that this is exactly the release's visibility rule. Gr
 they are (`enable_gqa=True`), never expanded. On CUDA this keeps the calls on the fused kernels: flash
 attention takes no tensor mask, and torch 2.13's memory-efficient kernel takes no grouped heads, so a
 boolean mask with grouped heads would fall to the math path (fp32, K/V expanded, the whole score matrix).
-On CPU the lower-right bias is lowered to a boolean mask inside torch (CPU's flash kernel accepts one).
+On CPU torch lowers the lower-right bias to an n x m mask for its flash kernel (which accepts one), so there
+the queries of a large call are split into slices whose masks stay under `CPU_MASK_ELEMENTS` (each slice's
+queries are again the last ones of a shorter key prefix: the same rule, exactly).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 ROPE_CHUNK = 8192  # keys rotated at a time where whole layers are rotated (bounds fp32 temporaries)
+CPU_MASK_ELEMENTS = 1 << 18  # CPU: largest query x key mask torch materialises for a lower-right call
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +55,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if causal and n > 1:
         if n == m:
             is_causal = True
+        elif q.device.type == "cpu" and n * m > CPU_MASK_ELEMENTS:
+            step = max(1, CPU_MASK_ELEMENTS // m)
+            parts = []
+            for a in range(0, n, step):
+                b = min(a + step, n)  # queries a..b-1 are the last ones of keys [0, m - n + b)
+                parts.append(attention(q[:, a:b], k[:, : m - n + b], v[:, : m - n + b], causal=True))
+            return torch.cat(parts, 1)
         else:
             mask = causal_lower_right(n, m)
     out = F.scaled_dot_product_attention(
