@@ -111,6 +111,9 @@ def test_remote_urls_uploads_and_bad_media(setup):
     small = base64.b64encode(os.urandom(1000)).decode()
     assert_error(post(base, body(f"data:image/png;base64,{small}")), 400, "expected data:video")
     assert_error(post(base, body(f"file://{root}/notavideo.mp4")), 422, "notavideo.mp4")
+    reply = post(base, body(f"data:video/mp4;base64,{base64.b64encode(b'not a video' * 20).decode()}"))
+    assert_error(reply, 422, "the uploaded video: not a video file")
+    assert "/tmp" not in reply.text and "videoxl2-serve" not in reply.text, reply.text  # no server paths
     assert_still_answers(base, root)
 
 

@@ -199,6 +199,10 @@ class VideoChatService:
                 prepared = time.perf_counter()
                 on_token = self._streamer(on_text, cancel, job.generation)
                 answer = session.ask(job.question, job.history, job.generation, on_token=on_token)
+        except VideoXL2Error as err:
+            if path.is_relative_to(self.scratch):  # never tell a client where the server keeps its files
+                err.args = (str(err).replace(str(path), f"the uploaded {job.media_kind}"),)
+            raise
         finally:
             if path.is_relative_to(self.scratch):
                 path.unlink(missing_ok=True)
