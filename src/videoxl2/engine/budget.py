@@ -31,6 +31,22 @@ copy back. Chunk sizes are read from the engine's modules (`engine_constants`).
 The attention kernels are assumed fused (no L x L matrices, grouped K/V heads not expanded), as the engine's
 mask-free calls get on CUDA; `benchmarks/gpu_check.py` measures the real peak on a GPU to compare.
 Activation figures are estimates (a few percent of the total at long videos); the KV figures are exact.
+
+Quantized layouts the planner assumes (named constants below; the int8 video memory and the quantized
+weights are to store exactly this, so the planner's bytes stay equal to the bytes measured):
+
+* `kv_dtype="int8"` (`KV_INT8_*`): every stored key and value element is one int8 byte, with one fp32 scale
+  per token, per KV head, per layer, for keys and for values separately (symmetric, `x ~ q * scale`):
+  layers x 2 x kv_heads x (head_dim + 4) bytes per token (29,568 B for the 7B: 52% of bf16, 26% of fp32).
+  The dense store, the sparse KV and a bi-level question's assembled cache all hold this layout.
+  Attention reads a dequantized copy of one layer's keys and values at a time, in the compute dtype,
+  counted with the activations (a pre-fill block's key set, a question's cache).
+* `quantize="int8"` (`WEIGHT_INT8_*`): each `nn.Linear` weight of the language model (q/k/v/o, gate/up/down
+  in every decoder layer, and `lm_head` unless it is tied to the embedding table) is int8, one byte per
+  element, with one fp32 scale per output channel; `quantize="int4"` (`WEIGHT_INT4_*`): two 4-bit values
+  per byte (each row padded to whole bytes), one fp32 scale per group of 128 input elements (the last
+  group of a row may be short), symmetric (no zero points). Biases, embeddings, norms, the vision tower,
+  the DTS and the projector stay in the compute dtype.
 """
 
 from __future__ import annotations
@@ -49,6 +65,17 @@ DEFAULT_QUESTION_TOKENS = 64  # room for a question and the chat template after 
 DEFAULT_ANSWER_TOKENS = 256  # GenerationSettings.max_new_tokens default
 DEFAULT_HEADROOM = 0.05  # share of the free memory left for the allocator's fragmentation and the unforeseen
 GB = 1e9
+
+# Quantized layouts (see the module docstring): bytes per element and per scale.
+KV_INT8_ELEMENT_BYTES = 1
+KV_INT8_SCALE_BYTES = 4  # one fp32 scale per token, per KV head, per layer, for keys and for values
+WEIGHT_INT8_ELEMENT_BITS = 8
+WEIGHT_INT8_SCALE_BYTES = 4  # one fp32 scale per output channel
+WEIGHT_INT4_ELEMENT_BITS = 4
+WEIGHT_INT4_GROUP_SIZE = 128  # input elements sharing one scale
+WEIGHT_INT4_SCALE_BYTES = 4  # one fp32 scale per group, no zero point
+WEIGHT_QUANTIZATIONS = ("none", "int8", "int4")
+KV_DTYPES = ("bf16", "fp16", "fp32", "int8")
 
 
 def dtype_of(dtype) -> torch.dtype:
@@ -187,30 +214,88 @@ class Shape:
         )
 
 
+def is_int8_kv(kv_dtype) -> bool:
+    """Whether `kv_dtype` names the int8 video memory (per-token, per-head scales)."""
+    return kv_dtype is not None and dtype_of(kv_dtype) == torch.int8
+
+
 def kv_bytes_per_token(config, dtype) -> int:
-    """Dense KV bytes of one token, all layers: layers x 2 (K, V) x kv_heads x head_dim x dtype bytes."""
+    """Dense KV bytes of one token, all layers: layers x 2 (K, V) x kv_heads x head_dim x dtype bytes; for
+    int8, each head's row of head_dim bytes carries its fp32 scale (`KV_INT8_SCALE_BYTES`)."""
     s = Shape.of(config)
+    if is_int8_kv(dtype):
+        return s.layers * 2 * s.kv_heads * (s.head_dim * KV_INT8_ELEMENT_BYTES + KV_INT8_SCALE_BYTES)
     return s.layers * 2 * s.kv_heads * s.head_dim * dtype_bytes(dtype)
 
 
 @functools.lru_cache(maxsize=16)
-def _parameter_count(config_json: str) -> int:
+def _weight_shapes(config_json: str) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """(all parameters, (out, in) of every language-model linear weight a quantization converts), counted
+    on the meta device; a tied `lm_head` is the embedding table and is left out."""
     from ..config import VideoXL2Config
     from ..modeling.videoxl2 import VideoXL2ForCausalLM
 
     config = VideoXL2Config.from_dict(json.loads(config_json))
     with torch.device("meta"):
         model = VideoXL2ForCausalLM(config)
-    return sum(p.numel() for p in model.parameters())
+    embedding = model.language_model.get_input_embeddings().weight
+    linears = tuple(
+        tuple(module.weight.shape)
+        for module in model.language_model.modules()
+        if isinstance(module, torch.nn.Linear) and module.weight is not embedding
+    )
+    return sum(p.numel() for p in model.parameters()), linears
 
 
 def parameter_count(config) -> int:
     """Parameters of the whole network (vision, DTS, projector, LLM), counted on the meta device."""
-    return _parameter_count(config.to_json_string(use_diff=False))
+    return _weight_shapes(config.to_json_string(use_diff=False))[0]
 
 
-def weight_bytes(config, dtype) -> int:
-    return parameter_count(config) * dtype_bytes(dtype)
+def quantized_linear_bytes(out_features: int, in_features: int, quantize: str) -> int:
+    """Bytes of one linear weight (bias not included) stored as `quantize` ("int8" or "int4")."""
+    if quantize == "int8":
+        return out_features * (in_features * WEIGHT_INT8_ELEMENT_BITS // 8 + WEIGHT_INT8_SCALE_BYTES)
+    if quantize == "int4":
+        packed = -(-in_features * WEIGHT_INT4_ELEMENT_BITS // 8)
+        groups = -(-in_features // WEIGHT_INT4_GROUP_SIZE)
+        return out_features * (packed + groups * WEIGHT_INT4_SCALE_BYTES)
+    raise InputError(f"quantize must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, got {quantize!r}")
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """A model's weight bytes: the quantized linear weights (with their scales) and everything else."""
+
+    quantize: str
+    quantized_params: int
+    quantized: int
+    other_params: int
+    other: int
+
+    @property
+    def total(self) -> int:
+        return self.quantized + self.other
+
+
+def weight_breakdown(config, dtype, quantize: str | None = None) -> WeightBytes:
+    """Weight bytes in compute `dtype` with the language model's linear weights stored as `quantize`
+    (None or "none": everything in `dtype`)."""
+    quantize = quantize or "none"
+    if quantize not in WEIGHT_QUANTIZATIONS:
+        raise InputError(f"quantize must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, got {quantize!r}")
+    total, linears = _weight_shapes(config.to_json_string(use_diff=False))
+    b = dtype_bytes(dtype)
+    if quantize == "none":
+        return WeightBytes(quantize, 0, 0, total, total * b)
+    params = sum(o * i for o, i in linears)
+    stored = sum(quantized_linear_bytes(o, i, quantize) for o, i in linears)
+    return WeightBytes(quantize, params, stored, total - params, (total - params) * b)
+
+
+def weight_bytes(config, dtype, quantize: str | None = None) -> int:
+    """Parameters x dtype bytes, or with `quantize` ("int8", "int4") the quantized layout's bytes."""
+    return weight_breakdown(config, dtype, quantize).total
 
 
 def default_frames_per_batch(config, settings) -> int:
@@ -299,11 +384,15 @@ def estimate(
 ) -> MemoryEstimate:
     """Peak bytes of a session of `counts` tokens in `settings.mode` (an `EngineSettings`).
 
-    `kv_dtype` (default `dtype`) is the video memory's element type; `weights` overrides the weight bytes
-    (e.g. a quantized model's); `include_weights=False` leaves them out (they are already loaded)."""
+    `kv_dtype` (default `dtype`) is the video memory's element type ("int8": the layout in the module
+    docstring); `weights` overrides the weight bytes (e.g. `weight_bytes(config, dtype, "int4")`);
+    `include_weights=False` leaves them out (they are already loaded)."""
     s = Shape.of(config)
     b = dtype_bytes(dtype)
     kvpt = kv_bytes_per_token(config, kv_dtype if kv_dtype is not None else dtype)
+    dequant = is_int8_kv(kv_dtype)
+    # what attention reads: the store's own elements, or a dequantized copy (compute dtype) of an int8 one
+    read_kvpt = kv_bytes_per_token(config, dtype) if dequant else kvpt
     const = engine_constants()
     mode = settings.mode
     bilevel = mode == "bilevel"
@@ -320,10 +409,15 @@ def estimate(
     sparse_kv = (counts.time + pooled) * kvpt if bilevel else 0
 
     vision = vision_batch_bytes(s, batch, b)
-    block = prefill_block_bytes(s, counts, settings, batch, b, kvpt)
+    block = prefill_block_bytes(s, counts, settings, batch, b, read_kvpt)
     build = sparse_build_bytes(s, counts, b, const["sparse_groups"]) if bilevel else 0
     cache, acts = question_bytes(s, counts, settings, b, kvpt, const)
     assembled = video_kv if not bilevel else assembled_tokens(counts, settings) * kvpt
+    if dequant:  # one layer's keys and values dequantized at a time
+        if mode == "dense":  # a dense block reads every earlier key (chunked: its gathered set, above)
+            block += counts.video_end * read_kvpt // s.layers
+        read = assembled // kvpt + counts.question + counts.answer
+        acts += read * read_kvpt // s.layers
 
     resident = weights + (0 if settings.offload else store)
     phases = {"pre-fill": weights + store + globals_ + max(vision, block)}
@@ -377,7 +471,8 @@ def token_activation_bytes(s: Shape, b: int) -> int:
 
 def prefill_block_bytes(s: Shape, counts: TokenCounts, settings, frames: int, b: int, kvpt: int) -> int:
     """One block (`block_size` groups) through the layers, the batch's visual embeddings waiting, and for a
-    chunked block the gathered key set of its visual rows (prefix + all time tokens + the window)."""
+    chunked block the gathered key set of its visual rows (prefix + all time tokens + the window); `kvpt`:
+    bytes per token of that key set (all layers)."""
     n = settings.block_size * (counts.per_group + counts.max_time)
     n = max(n, counts.prefix)
     embeds = (-(-frames // 4)) * s.per_group * s.hidden * b
@@ -485,14 +580,18 @@ def frames_that_fit(
     counts: TokenCounts | None = None,
     include_weights: bool = False,
     max_frames: int | None = None,
+    token_counts=None,
     **options,
 ) -> int:
     """The largest frame count (a multiple of 4) whose estimate is within `budget_bytes`, 0 if none.
-    Token counts scale from `counts` (default: 1 fps and Qwen2's time text); at most `max_frames`
-    (default: the model's context limit)."""
+    Token counts come from `token_counts(frames)` when given, else scale from `counts` (default: 1 fps and
+    Qwen2's time text); at most `max_frames` (default: the model's context limit). `options` go to
+    `estimate` (`kv_dtype`, `weights`)."""
     s = Shape.of(config)
 
     def counts_for(frames: int) -> TokenCounts:
+        if token_counts is not None:
+            return token_counts(frames)
         if counts is not None:
             return counts.scaled(frames)
         return TokenCounts.for_frames(frames, s.per_group)
