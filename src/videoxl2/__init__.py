@@ -27,12 +27,14 @@ AutoModel.register(VideoXL2Config, VideoXL2ForCausalLM, exist_ok=True)
 AutoModelForCausalLM.register(VideoXL2Config, VideoXL2ForCausalLM, exist_ok=True)
 
 
-def load_tokenizer(path):
-    """The tokenizer saved beside a checkpoint (Qwen2.5's for the release), read from disk only."""
-    from pathlib import Path
+def load_tokenizer(path, revision: str | None = None, local_files_only: bool | None = None):
+    """The tokenizer saved beside a checkpoint (Qwen2.5's for the release): a folder, or a hub id resolved
+    through the Hugging Face cache like `load_model`'s (only the tokenizer's files are fetched)."""
+    from .modeling.checkpoint import TOKENIZER_FILES, resolve_checkpoint
 
+    folder = resolve_checkpoint(path, revision, local_files_only, allow_patterns=TOKENIZER_FILES)
     try:
-        return AutoTokenizer.from_pretrained(Path(path), local_files_only=True, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: no usable tokenizer files ({err})") from err
 

@@ -3,12 +3,18 @@
 The release is a LLaVA-style `llava_qwen` model whose weight names follow transformers 4.x (SigLIP nested in
 `vision_model`, DTS under `model.sae`, projector as `model.mm_projector.{0,2}`). We check every name and
 shape against the model from the safetensors headers first (cheap, precise errors), then let transformers'
-`from_pretrained` do the loading with an explicit rename table. Nothing here ever reaches a hub.
+`from_pretrained` do the loading from that folder, with an explicit rename table.
+
+A name that is not an existing path but reads as a hub id (`org/name`, optionally `org/name@revision`) is
+resolved through huggingface_hub's cache (`resolve_checkpoint`): `HF_HUB_CACHE` / `HF_HOME` and
+`HF_HUB_OFFLINE` are read when it is called. Offline (or `local_files_only=True`), only the cache is looked
+at; online, missing files are downloaded into it. A local path always wins over an id.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -30,6 +36,82 @@ RELEASE_RENAMES: list[tuple[str, str | None]] = [
 ]
 RELEASE_MODEL_TYPES = {"llava_qwen", "llava_qwen2", "videoxl2_qwen"}
 _LIST_LIMIT = 20
+
+# `org/name` or `org/name@revision` (a branch, tag or commit hash)
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
+TOKENIZER_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken"]  # config, tokenizer, generation config
+CHECKPOINT_FILES = [*TOKENIZER_FILES, "*.safetensors"]  # no .bin/.pt copies of the weights
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """`HF_HUB_OFFLINE` as set now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    return value.upper() in _TRUE if value is not None else bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache as the environment says now: `HF_HUB_CACHE`, else `HF_HOME`/hub, else the default."""
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def resolve_checkpoint(
+    path_or_id,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    allow_patterns: list[str] | None = None,
+) -> Path:
+    """The folder holding checkpoint `path_or_id`: the path itself when it exists, else the hub cache's
+    snapshot of that id at `revision` (default: the id's `@revision`, else "main"). `local_files_only`
+    (default: `HF_HUB_OFFLINE`) never downloads; `allow_patterns` limits what a download fetches (default:
+    config, tokenizer and safetensors files). Raises a one-line `CheckpointError` saying how to get it."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return path
+    match = HUB_ID.match(str(path_or_id))
+    if match is None:
+        raise CheckpointError(f"{path}: not a checkpoint folder")
+    repo_id = match["repo"]
+    revision = revision or match["revision"]
+    offline = hub_offline() if local_files_only is None else bool(local_files_only)
+    cache = hub_cache_dir()
+    at = f" at revision {revision}" if revision else ""
+    get = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache,
+            local_files_only=offline,
+            allow_patterns=allow_patterns or CHECKPOINT_FILES,
+        )
+    except LocalEntryNotFoundError as err:
+        if local_files_only:
+            why = "local_files_only is set"
+        else:
+            why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        raise CheckpointError(
+            f"{path_or_id}: no such folder, and {repo_id}{at} is not in the Hugging Face cache {cache} "
+            f"({why}): download it once with `{get}` (`huggingface-cli download` on older huggingface_hub), "
+            "unset HF_HUB_OFFLINE, or pass a local folder"
+        ) from err
+    except Exception as err:  # repository or revision not found, gated, incomplete snapshot, bad id, network
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path_or_id}: hub id {repo_id}{at}: {first}") from err
+    return Path(folder)
 
 
 def rename_release_key(name: str) -> str | None:
@@ -138,14 +220,22 @@ def check_weights(path: Path, config: VideoXL2Config, release: bool, files: list
         raise CheckpointError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
 
 
-def load_model(path, device: str | torch.device | None = "cpu", dtype: torch.dtype | str | None = None):
-    """Load a Video-XL-2 checkpoint folder (release or ours) onto `device` in `dtype` (default: float32 on
-    CPU, bfloat16 elsewhere). `device=None` places nothing (DeepSpeed ZeRO-3 partitions the model itself).
+def load_model(
+    path,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+):
+    """Load a Video-XL-2 checkpoint (release or ours) onto `device` in `dtype` (default: float32 on CPU,
+    bfloat16 elsewhere): a folder, or a hub id such as "BAAI/Video-XL-2" resolved through the Hugging Face
+    cache at `revision` (`resolve_checkpoint`; `local_files_only` defaults to `HF_HUB_OFFLINE`).
+    `device=None` places nothing (DeepSpeed ZeRO-3 partitions the model itself).
     Raises `CheckpointError` naming what is wrong, and `ConfigError` naming a release config.json key whose
     value the code does not implement (`videoxl2.config.RELEASE_IMPLEMENTED`)."""
     from .videoxl2 import VideoXL2ForCausalLM
 
-    path = Path(path)
+    path = resolve_checkpoint(path, revision, local_files_only)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
     config, release = read_config(path)
