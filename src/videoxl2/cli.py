@@ -16,7 +16,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=str(DEFAULT_MODEL),
-        help="checkpoint folder, the release's or ours (default: the bundled demo model)",
+        help="checkpoint folder, the release's or ours, or a hub id such as BAAI/Video-XL-2[@revision] "
+        "(the Hugging Face cache; HF_HUB_OFFLINE honoured) (default: the bundled demo model)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument(
@@ -226,6 +227,7 @@ def plugin_commands() -> dict:
                 continue  # that package is not part of this build
             raise
         found.update(module.COMMANDS)
+    found.update(importlib.import_module("videoxl2.engine.plan").COMMANDS)  # `videoxl2 plan`
     return found
 
 
