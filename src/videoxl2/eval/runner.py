@@ -141,9 +141,9 @@ def run_config(settings: EvalSettings, bench: Benchmark, options: Options) -> di
     """The settings an answer depends on (what --resume must find unchanged), engine settings resolved
     from the checkpoint's config."""
     from ..engine.settings import EngineSettings
-    from ..modeling.checkpoint import read_config
+    from ..modeling.checkpoint import read_config, resolve_checkpoint
 
-    model = Path(settings.model)
+    model = resolve_checkpoint(settings.model)  # a folder, or a hub id in the local cache
     if not model.is_dir():
         raise InputError(f"--model {model}: not a checkpoint folder")
     engine = EngineSettings.from_config(read_config(model)[0], **settings.engine)
