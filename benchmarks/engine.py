@@ -18,8 +18,9 @@ model's own attention-mass scores dense, the rest pooled 4x), with their KV byte
 FLOP convention: a (query, key) pair costs 4 * head_dim FLOPs per head and layer (QK^T and PV, 2 per
 multiply-add). Kernel pairs are those handed to the attention kernels: plain = the causal triangle
 L(L+1)/2 (is_causal skips the upper half), masked = all L^2 pairs (a boolean mask saves no work), chunked =
-what it gathers (its PrefillStats: window rectangles + time-token rows). Visible pairs = the mask's true
-entries, the work an ideal kernel would do. A case whose estimated time or memory is over the budget is
+its PrefillStats (lower-right causal calls per group: the causal halves are skipped, so this equals the
+visible pairs; before the calls were mask-free it was the gathered rectangles). Visible pairs = the mask's
+true entries, the work an ideal kernel would do. A case whose estimated time or memory is over the budget is
 skipped, with the reason; estimates extrapolate the same method's largest measured case (time by FLOPs,
 memory linearly, or by L^2 for the masked reference).
 
@@ -27,8 +28,17 @@ The visual path is not run: random group embeddings go straight into the LLM. Th
 (prefix + video; the question's tokens run at decode), so all three pre-fill exactly the same tokens. The
 vocabulary is the tiny tokenizer's 512 ids for both shapes: the vocab does not change pre-fill attention.
 
+`--question-memory` measures instead what asking costs in memory after a pre-fill, per engine mode (dense,
+chunked; each in a fresh process): the RSS of the pre-filled session (the dense KV and the model), then the
+peak RSS while a question is answered (16 tokens) on the pre-fill store itself, as sessions do, a second
+time, and, for contrast, on a copy of the video KV (`VideoMemory.assemble`, what every dense or chunked
+question did before); in chunked mode also a bi-level question (its sparse KV built on first need plus its
+assembled cache). Peaks come from VmHWM, reset before each question (`/proc/self/clear_refs`), after
+`malloc_trim`. Rises are against the pre-filled session's RSS and shown as a share of the video KV bytes.
+
     python benchmarks/engine.py --quick --shape small
     python benchmarks/engine.py --frames 64 256 1024 4096 --shape both
+    python benchmarks/engine.py --question-memory --frames 1024
 """
 
 from __future__ import annotations
@@ -205,15 +215,15 @@ def run_case(case: dict) -> dict:
 
     start = time.perf_counter()
     memory = VideoMemory.from_store(prefill.store, layout, prefill.runner, s["unit_size"], s["compression"])
+    memory.build_sparse(prefill.runner)  # what the first bi-level question does
     out.update(memory_s=time.perf_counter() - start, sparse_kv_bytes=memory.sparse_bytes())
     suffix = build_prompt(QUESTION).split(IMAGE_MARKER, 1)[1]
     question = torch.tensor(tokenizer(suffix, add_special_tokens=False)["input_ids"])
     # Warm-up: the first decode and scoring calls pay one-off kernel and allocator costs.
     score_units(model, memory, question)
     time_answer(model, tokenizer, memory.assemble(prefill.runner, [0], rerotate=True), question)
-    dense = memory.assemble(prefill.runner, None, rerotate=False)
-    out["dense"] = time_answer(model, tokenizer, dense, question)
-    del dense
+    with memory.question_cache(prefill.runner, None, rerotate=False, reserve=256) as dense:
+        out["dense"] = time_answer(model, tokenizer, dense, question)
     start = time.perf_counter()
     units = choose_units(score_units(model, memory, question), s["topk"])
     out.update(select_s=time.perf_counter() - start, dense_units=len(units), units=memory.num_units)
@@ -222,6 +232,157 @@ def run_case(case: dict) -> dict:
     )
     out["peak_rss_with_decode"] = peak_rss_bytes()
     return out
+
+
+def proc_status(field: str) -> int:
+    """A kB field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def settle_memory() -> int:
+    """Collect garbage, give free heap back to the system, reset the peak (VmHWM); returns VmRSS."""
+    import ctypes
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return proc_status("VmRSS")
+
+
+@torch.inference_mode()
+def run_question_memory(case: dict) -> dict:
+    """Peak RSS while asking after a pre-fill (see `--question-memory` in the module notes)."""
+    from videoxl2.engine.decode import answer_from_cache
+    from videoxl2.engine.memory import VideoMemory
+    from videoxl2.engine.prefill import StreamingPrefill
+    from videoxl2.engine.select import choose_units, score_units
+    from videoxl2.generation import GenerationSettings
+    from videoxl2.prompt import IMAGE_MARKER, build_prompt
+    from videoxl2.tiny import build_tiny_model
+    from videoxl2.tokenizer import build_tiny_tokenizer
+
+    torch.set_num_threads(case["threads"])
+    s, shape, mode = SETTINGS, SHAPES[case["shape"]], case["mode"]
+    tokenizer = build_tiny_tokenizer()
+    text = dict(shape, max_position_embeddings=1 << 18, rope_theta=1e6)
+    model, _ = build_tiny_model(s["seed"], tokenizer, text=text, vision_grid=24, pool_stride=2)
+    layout = build_layout_for(case["frames"], tokenizer)
+    out = dict(case, tokens=layout.length)
+    start = time.perf_counter()
+    prefill = StreamingPrefill(model, layout, mode == "chunked", s["block_size"], s["prev_blocks"])
+    prefill.run_prefix()
+    groups = s["block_size"] * s["batch_blocks"]
+    for embeds in group_batches(case["frames"], shape["hidden_size"], s["seed"], groups):
+        prefill.add_groups(embeds)
+    runner = prefill.runner
+    memory = VideoMemory.from_store(prefill.store, layout, runner, s["unit_size"], s["compression"])
+    out["prefill_s"] = time.perf_counter() - start
+    out["peak_rss_prefill"] = proc_status("VmHWM")
+    del prefill
+    out.update(
+        video_kv_bytes=memory.dense_bytes(),
+        sparse_kv_bytes_held=memory.sparse_bytes(),
+        sparse_kv_bytes_if_built=memory.sparse_size_bytes(),
+        spare_tokens=memory.spare,
+    )
+    suffix = build_prompt(QUESTION).split(IMAGE_MARKER, 1)[1]
+    question = torch.tensor(tokenizer(suffix, add_special_tokens=False)["input_ids"])
+    settings = GenerationSettings(max_new_tokens=s["new_tokens"], stop_strings=())
+    reserve = question.numel() + s["new_tokens"]
+    rss_prefilled = out["rss_prefilled"] = settle_memory()
+
+    def in_place():
+        with memory.question_cache(runner, None, rerotate=False, reserve=reserve) as mixed:
+            shared = mixed.keys[0].untyped_storage().data_ptr() == memory.keys[0].untyped_storage().data_ptr()
+            return answer_from_cache(model, tokenizer, mixed, question, settings), shared
+
+    def copy():
+        mixed = memory.assemble(runner, None, rerotate=False, reserve=reserve)
+        return answer_from_cache(model, tokenizer, mixed, question, settings), False
+
+    def bilevel():
+        units = choose_units(score_units(model, memory, question), s["topk"])
+        mixed = memory.assemble(runner, units, rerotate=True, reserve=reserve)
+        return answer_from_cache(model, tokenizer, mixed, question, settings), False
+
+    asks = [("in place", in_place), ("in place again", in_place), ("copy (assemble)", copy)]
+    if mode == "chunked":
+        asks.append(("bi-level", bilevel))
+    out["questions"] = []
+    for name, ask in asks:
+        before = settle_memory()
+        begin = time.perf_counter()
+        ids, shared = ask()
+        peak = proc_status("VmHWM")
+        out["questions"].append(
+            dict(
+                name=name,
+                seconds=time.perf_counter() - begin,
+                new_tokens=len(ids),
+                runs_on_store=shared,
+                rss_before=before,
+                peak_rss=peak,
+                rise_over_prefilled=peak - rss_prefilled,
+                rise_share_of_video_kv=(peak - rss_prefilled) / out["video_kv_bytes"],
+                sparse_kv_bytes_held_after=memory.sparse_bytes(),
+            )
+        )
+    return out
+
+
+def question_memory_report(rows: list[dict], threads: int) -> str:
+    lines = [
+        "Peak RSS while answering one question (16 tokens) after pre-filling, against the pre-filled "
+        f"session's RSS (small shape, fp32 CPU, {threads} threads). Video KV = the dense KV of prefix + "
+        "video.",
+        "",
+        "| mode | frames | video KV MiB | pre-filled RSS MiB | question | on the store | peak MiB "
+        "| rise MiB | rise / video KV | sparse KV held MiB |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['mode']} | {r['frames']} | failed: {r['failed']} |")
+            continue
+        for q in r["questions"]:
+            mib = lambda x: x / 2**20  # noqa: E731
+            lines.append(
+                f"| {r['mode']} | {r['frames']} | {mib(r['video_kv_bytes']):.1f} "
+                f"| {mib(r['rss_prefilled']):.1f} | {q['name']} | {'yes' if q['runs_on_store'] else 'no'} "
+                f"| {mib(q['peak_rss']):.1f} | {mib(q['rise_over_prefilled']):+.1f} "
+                f"| {100 * q['rise_share_of_video_kv']:+.1f}% | {mib(q['sparse_kv_bytes_held_after']):.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def question_memory_main(args, machine: dict, stamp: str) -> None:
+    rows = []
+    for frames in sorted(set(args.frames)):
+        for mode in ("dense", "chunked"):
+            case = dict(kind="question_memory", shape="small", frames=frames, mode=mode, threads=args.threads)
+            print(f"[question memory] {frames} frames {mode} ...", file=sys.stderr, flush=True)
+            rows.append(run_worker(case, 3600))
+    table = question_memory_report(rows, args.threads)
+    print(table + "\n", flush=True)
+    record = dict(
+        kind="question_memory",
+        shape="small",
+        config=SHAPES["small"],
+        machine=machine,
+        settings=SETTINGS,
+        notes=__doc__.split("\n\n")[6],
+        results=rows,
+        table=table,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"engine-question-memory-small-{stamp}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def run_worker(case: dict, timeout: float) -> dict:
@@ -432,10 +593,15 @@ def main(argv=None) -> None:
         "--max-memory-gb", type=float, help="skip larger estimates (default 85%% of MemAvailable)"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--question-memory", action="store_true", help="peak RSS of asking after pre-fill (dense, chunked)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(run_case(json.loads(args.worker))), flush=True)
+        case = json.loads(args.worker)
+        run = run_question_memory if case.get("kind") == "question_memory" else run_case
+        print("RESULT " + json.dumps(run(case)), flush=True)
         return
     import transformers
 
@@ -460,6 +626,9 @@ def main(argv=None) -> None:
         device="cpu",
         dtype="float32",
     )
+    if args.question_memory:
+        question_memory_main(args, machine, stamp)
+        return
     for shape_name in ["small", "qwen0.5b"] if args.shape == "both" else [args.shape]:
         rows = run_shape(shape_name, frames, methods, args, tokenizer)
         table = report(shape_name, rows, args.threads)
