@@ -21,8 +21,13 @@ def file_digest(path: Path) -> str:
 
 
 def session_bytes(session) -> int:
+    """What a cached session will hold: a bi-level one builds its sparse KV at its first question, so it is
+    counted from the start."""
     memory = session.memory
-    return 0 if memory is None else memory.dense_bytes() + memory.sparse_bytes()
+    if memory is None:
+        return 0
+    bilevel = session.settings.mode == "bilevel"
+    return memory.dense_bytes() + (memory.sparse_size_bytes() if bilevel else memory.sparse_bytes())
 
 
 class SessionCache:
