@@ -37,9 +37,9 @@ FAMILIES = ("what", "choice", "when", "count", "order")
 # shape yes, so yes\n...\nAnswer: B"). A model this small names what it saw far more easily than it maps a
 # seen shape to a letter, and copying the letter that follows a name it wrote itself is an induction copy it
 # learns badly; copying each option by its letter (a one-token key in a fixed order) and comparing it with the
-# name just written is learnt (`training/demo/attempts/verdicts/`). Judged as a whole ("...: yes"), an option
-# sharing one word with the name was often taken; one comparison per word, then their conjunction, is three
-# one-step judgements instead of one two-word one.
+# name just written is learnt (the demo model card's "What it took", row `verdicts/`). Judged as a whole
+# ("...: yes"), an option sharing one word with the name was often taken; one comparison per word, then their
+# conjunction, is three one-step judgements instead of one two-word one.
 CHOICE_SUFFIX = "Name the shape, compare colour and shape with each option, then give the letter."
 LETTERS = "ABCD"
 
@@ -210,7 +210,7 @@ def questions(spec: VideoSpec, rng: np.random.Generator) -> list[Question]:
 
 
 def later_needle_questions(spec: VideoSpec, rng: np.random.Generator) -> list[Question]:
-    """"When", "how many" and "which came first" about the later needles too: `questions` asks them about
+    """ "When", "how many" and "which came first" about the later needles too: `questions` asks them about
     the first needle only, so a video with three needles trains one time read out of three. Same families,
     same wordings, exact answers (a name shown twice is timed at its first showing, as `questions` does)."""
     first, out = spec.needles[0], []
@@ -309,11 +309,11 @@ def make_dataset(
     of them with two colours x two shapes as options); `repeat_colour`
     goes to `random_spec`. `choice_repeats` (multi-turn only) asks the multiple-choice question that many
     more times per conversation, options drawn and ordered afresh each time: the letter changes while the
-    video stays, so a habitual letter is wrong 3 times in 4 (it did not teach the demo model the look-up:
-    `training/demo/attempts/choice-repeats`). Those draws come from a generator of their own, so the videos
-    and the other questions are the same as without. `list_shapes` (multi-turn only) also asks for every
-    shape in order (`list_question`), at a position drawn from that same generator: more shape reading per
-    encoded video, the rest unchanged. `reading_first` (multi-turn only, 0-1) is the chance that a
+    video stays, so a habitual letter is wrong 3 times in 4 (it did not teach the demo model the look-up: its
+    model card's "What it took", row `choice-repeats/`). Those draws come from a generator of their own, so
+    the videos and the other questions are the same as without. `list_shapes` (multi-turn only) also asks
+    for every shape in order (`list_question`), at a position drawn from that same generator: more shape
+    reading per encoded video, the rest unchanged. `reading_first` (multi-turn only, 0-1) is the chance that a
     conversation opens on the two questions that read the first shape (open, then multiple choice, or the
     other way round), drawn from that generator too: the "when" and "order" questions and either reading
     answer name the shape, so in a random order only about a quarter of the open answers have to read it
