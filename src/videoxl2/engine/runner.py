@@ -85,6 +85,23 @@ class LayerRunner:
         self.num_layers = config.num_hidden_layers
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
+        self._check_placement()
+
+    def _check_placement(self) -> None:
+        """A model dispatched by accelerate runs here when its layers compute on one device (weights may be
+        offloaded to CPU RAM or disk: the leaf hooks fetch them); the KV of layers on several GPUs is not
+        placed per layer yet, so such a split is refused in one line rather than failing inside attention."""
+        from ..errors import InputError
+        from ..modeling.offload import execution_device
+
+        devices = {execution_device(layer) or self.device for layer in self.llm.layers}
+        devices = {torch.device(d) for d in devices} - {torch.device("meta")}
+        if len(devices) > 1:
+            names = ", ".join(sorted(str(d) for d in devices))
+            raise InputError(
+                f"the model's layers compute on several devices ({names}): the engine keeps one KV device; "
+                "offload to cpu/disk instead (--device-map with one GPU and cpu/disk entries)"
+            )
 
     def rope_tables(self, positions: torch.Tensor, like=None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (n, D) in fp32 for float or integer positions (negative ones rotate backwards), on the
