@@ -243,7 +243,9 @@ def test_independent_turns_train_each_question_as_if_asked_alone(tmp_path, media
     from videoxl2.engine.session import VideoSession
 
     turns = [
-        *qa("<image>\nWhat colour?", "Red."), *qa("When?", "At 0:02, then again."), *qa("How many?", "2")
+        *qa("<image>\nWhat colour?", "Red."),
+        *qa("When?", "At 0:02, then again."),
+        *qa("How many?", "2"),
     ]
     records = [
         {"id": "multi", "video": str(media / "v0.mp4"), "conversations": turns},
@@ -354,9 +356,17 @@ def test_batch_rebalance_gives_the_random_batch_update_with_less_padding(tmp_pat
     (tmp_path / "mixed.json").write_text(json.dumps(records))
     runs = {}
     for name, (batch, accumulation) in {"one": (6, 1), "split": (2, 3)}.items():
-        path = write_config(tmp_path / name, media, train_sampling_strategy="batch_rebalance", optim="sgd",
-                            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                            max_steps=3, learning_rate=0.5, logging_steps=1)
+        path = write_config(
+            tmp_path / name,
+            media,
+            train_sampling_strategy="batch_rebalance",
+            optim="sgd",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=3,
+            learning_rate=0.5,
+            logging_steps=1,
+        )
         raw = yaml.safe_load(path.read_text())
         mixed = {"json_path": str(tmp_path / "mixed.json"), "sampling_strategy": "all"}
         raw["data"]["datasets"].append(mixed)
@@ -375,7 +385,9 @@ def test_batch_rebalance_gives_the_random_batch_update_with_less_padding(tmp_pat
         runs[name] = micro, padded, result.losses, parameters(result.model)
 
     (one, one_padded, one_losses, one_weights), (split, split_padded, split_losses, split_weights) = (
-        runs["one"], runs["split"])
+        runs["one"],
+        runs["split"],
+    )
     assert [sorted(m) for m in one] == [sorted(sum(split[k : k + 3], [])) for k in range(0, len(split), 3)]
     assert split_padded < one_padded, (split_padded, one_padded)
     assert np.allclose(one_losses, split_losses, atol=1e-5), (one_losses, split_losses)
@@ -390,14 +402,21 @@ def test_feature_cache_gives_the_same_training_and_skips_decoding(tmp_path, medi
     a second run on a warm store decodes no video at all."""
     import videoxl2.train.data as data_module
 
-    still = [{"id": "still", "image": str(media / "still.png"),
-              "conversations": qa("<image>\nColour?", "Grey.")}]
+    still = [
+        {"id": "still", "image": str(media / "still.png"), "conversations": qa("<image>\nColour?", "Grey.")}
+    ]
     (tmp_path / "still.json").write_text(json.dumps(still))
     frozen = {"vision": False, "dts": False, "projector": True, "llm": True}
     runs = {}
     for name, cache in (("plain", False), ("cold", True), ("warm", True)):
-        path = write_config(tmp_path / name, media, trainable=frozen, max_steps=3, logging_steps=1,
-                            per_device_train_batch_size=2)
+        path = write_config(
+            tmp_path / name,
+            media,
+            trainable=frozen,
+            max_steps=3,
+            logging_steps=1,
+            per_device_train_batch_size=2,
+        )
         raw = yaml.safe_load(path.read_text())
         still_data = {"json_path": str(tmp_path / "still.json"), "sampling_strategy": "all"}
         raw["data"]["datasets"].append(still_data)
@@ -405,6 +424,7 @@ def test_feature_cache_gives_the_same_training_and_skips_decoding(tmp_path, medi
             raw["feature_cache"] = str(tmp_path / "store")
         path.write_text(yaml.safe_dump(raw))
         if name == "warm":
+
             def no_decoding(*args, **kwargs):
                 raise AssertionError("a stored video was decoded again")
 

@@ -100,8 +100,10 @@ class VideoXL2ForCausalLM(PreTrainedModel):
             maps.append(resize_grid(features, config.vision_grid))
         groups = group_frames(torch.cat(maps), config.frames_per_group)
         return torch.cat(
-            [self.dts(groups[start : start + config.dts_batch_size])
-             for start in range(0, groups.shape[0], config.dts_batch_size)]
+            [
+                self.dts(groups[start : start + config.dts_batch_size])
+                for start in range(0, groups.shape[0], config.dts_batch_size)
+            ]
         )
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,14 @@ TRAINING_DEFAULTS = dict(
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEEPSPEED_PRESETS = {"zero2": CONFIG_DIR / "zero2.json", "zero3": CONFIG_DIR / "zero3.json"}
 _TOP_KEYS = {
-    "model", "tokenizer", "model_dtype", "data", "trainable", "lora", "learning_rates", "training",
+    "model",
+    "tokenizer",
+    "model_dtype",
+    "data",
+    "trainable",
+    "lora",
+    "learning_rates",
+    "training",
     "feature_cache",
 }
 

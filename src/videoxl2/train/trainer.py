@@ -161,8 +161,9 @@ def part_trainer_class():
 
             args = self.args
             if strategy == "group_by_length":
-                return LengthGroupedSampler(args.train_batch_size * args.gradient_accumulation_steps,
-                                            lengths=dataset.lengths())
+                return LengthGroupedSampler(
+                    args.train_batch_size * args.gradient_accumulation_steps, lengths=dataset.lengths()
+                )
             # Each optimizer step still draws a uniform random set of samples; only its split into
             # micro-batches follows length. With the loss summed over the step's answer tokens
             # (`num_items_in_batch`) the update is the one random batches give, with less padding.
@@ -232,7 +233,11 @@ def train(config: TrainConfig, resume: bool | str | None = None) -> TrainResult:
     trainer = part_trainer_class()(
         part_rates=config.learning_rates,
         feature_store=store,
-        model=model, args=args, train_dataset=dataset, data_collator=Collator(pad), processing_class=tokenizer
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=Collator(pad),
+        processing_class=tokenizer,
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
