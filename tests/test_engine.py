@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import engine_case  # noqa: E402
 from transformers import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
@@ -20,7 +21,6 @@ from videoxl2.engine.select import (
 )
 from videoxl2.errors import InputError
 from videoxl2.generation import GenerationSettings
-from videoxl2.prompt import build_layout, build_prompt
 
 GROUPS = 13
 
@@ -43,19 +43,7 @@ def question_logits(model, cache, question_ids, start):
 
 @pytest.fixture(scope="module")
 def case(tiny):
-    model, tokenizer = tiny
-    config = model.config
-    layout = build_layout(
-        tokenizer,
-        build_prompt("What colour is the square?"),
-        [i * 2.5 for i in range(GROUPS)],
-        config.tokens_per_group,
-        config.video_token_id,
-    )
-    embeds = torch.randn(
-        GROUPS, config.tokens_per_group, config.hidden_size, generator=torch.Generator().manual_seed(1)
-    )
-    return model, tokenizer, layout, embeds
+    return engine_case(tiny, "What colour is the square?", 2.5, seed=1, groups=GROUPS)
 
 
 def batches(embeds, block_size):

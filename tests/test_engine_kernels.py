@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_helpers import engine_case  # noqa: E402
 from torch.nn.attention.bias import CausalBias
 
 from videoxl2.engine import session as session_module
@@ -20,7 +21,6 @@ from videoxl2.engine.session import VideoSession
 from videoxl2.engine.settings import EngineSettings
 from videoxl2.errors import InputError
 from videoxl2.generation import GenerationSettings
-from videoxl2.prompt import build_layout, build_prompt
 
 GROUPS = 13
 GREEDY = {"do_sample": False, "max_new_tokens": 6}
@@ -28,19 +28,7 @@ GREEDY = {"do_sample": False, "max_new_tokens": 6}
 
 @pytest.fixture(scope="module")
 def case(tiny):
-    model, tokenizer = tiny
-    config = model.config
-    layout = build_layout(
-        tokenizer,
-        build_prompt("Which shape moves first?"),
-        [i * 2.0 for i in range(GROUPS)],
-        config.tokens_per_group,
-        config.video_token_id,
-    )
-    embeds = torch.randn(
-        GROUPS, config.tokens_per_group, config.hidden_size, generator=torch.Generator().manual_seed(3)
-    )
-    return model, tokenizer, layout, embeds
+    return engine_case(tiny, "Which shape moves first?", 2.0, seed=3, groups=GROUPS)
 
 
 class SdpaRecorder:

@@ -79,7 +79,8 @@ def test_an_abandoned_http_request_frees_its_worker(tiny, tiny_checkpoint, media
 
     monkeypatch.setattr(StreamingPrefill, "add_groups", slow)
     body = {
-        "model": "any", "max_tokens": 4, "max_frames": 128, "sample_fps": 4.0, "mode": "chunked", "block_size": 1,
+        "model": "any", "max_tokens": 4, "max_frames": 128, "sample_fps": 4.0,
+        "mode": "chunked", "block_size": 1,
         "messages": [{"role": "user", "content": [
             {"type": "video_url", "video_url": {"url": f"file://{media / 'long.mp4'}"}},
             {"type": "text", "text": "What is shown?"}]}],
