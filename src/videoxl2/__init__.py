@@ -6,6 +6,10 @@ tokenizer = load_tokenizer("path/to/Video-XL-2")
 print(model.chat("video.mp4", tokenizer, "What happens?", max_num_frames=256))
 """
 
+# First, before transformers imports torchao (when installed): filters torchao's import-time log noise.
+from .modeling import quantize as _quantize  # noqa: F401
+
+# isort: split
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .config import VideoXL2Config

@@ -23,6 +23,28 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16"
     )
+    _add_quantize_args(parser)
+
+
+def _add_quantize_args(parser: argparse.ArgumentParser) -> None:
+    """--quantize / --quantize-vision: weight-only quantization through torchao (`modeling/quantize.py`)."""
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        metavar="{none,int8,int4}",
+        help="store the LLM's linear weights as int8 (per-channel scales) or int4 (groups of 128) "
+        '(needs torchao: pip install -e ".[quant]"; int4 on CUDA needs --dtype bfloat16)',
+    )
+    parser.add_argument(
+        "--quantize-vision", action="store_true", help="with --quantize: the SigLIP tower's linears too"
+    )
+
+
+def _quantize_kwargs(args) -> dict:
+    """load_model's quantize= and quantize_vision= from the parsed flags."""
+    return dict(
+        quantize=getattr(args, "quantize", None), quantize_vision=getattr(args, "quantize_vision", False)
+    )
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +146,7 @@ def run_chat(args) -> int:
 
     check_media(args.video, args.max_frames, args.fps, args.max_fps)  # fail fast, before loading weights
     start = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, **_quantize_kwargs(args))
     tokenizer = load_tokenizer(args.model)
     load_s = time.perf_counter() - start
     settings = EngineSettings.from_config(model.config, **_engine_overrides(args))

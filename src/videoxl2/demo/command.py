@@ -12,6 +12,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
         "--model", default=str(DEFAULT_MODEL), help="checkpoint folder (default: the demo model)"
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    from ..cli import _add_quantize_args
+
+    _add_quantize_args(parser)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +81,14 @@ def run_niah(args) -> int:
         seed=args.seed,
         engine={k: v for k, v in _memory_overrides(args).items() if v is not None},
     )
-    summary = run(args.model, args.out, settings, device=args.device)
+    summary = run(
+        args.model,
+        args.out,
+        settings,
+        device=args.device,
+        quantize=args.quantize,
+        quantize_vision=args.quantize_vision,
+    )
     header = "mode      " + "".join(f"{n:>8}" for n in summary["lengths"]) + "     all"
     print(header)
     for mode, result in summary["modes"].items():

@@ -61,7 +61,16 @@ def trial_needle(seed: int, index: int) -> Needle:
     return Needle(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), 0)
 
 
-def run_niah(model_path, out_dir, settings: NiahSettings, device: str = "cpu", progress: bool = True) -> dict:
+def run_niah(
+    model_path,
+    out_dir,
+    settings: NiahSettings,
+    device: str = "cpu",
+    progress: bool = True,
+    quantize: str | None = None,
+    quantize_vision: bool = False,
+) -> dict:
+    """`quantize`: weight-only "int8" / "int4" (load_model's quantize=, torchao)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -72,7 +81,7 @@ def run_niah(model_path, out_dir, settings: NiahSettings, device: str = "cpu", p
 
     settings.check()
     out = Path(out_dir)
-    model = load_model(model_path, device=device)
+    model = load_model(model_path, device=device, quantize=quantize, quantize_vision=quantize_vision)
     tokenizer = load_tokenizer(model_path)
     cells = settings.cells()
     records = []
@@ -119,6 +128,8 @@ def run_niah(model_path, out_dir, settings: NiahSettings, device: str = "cpu", p
     bar.close()
     summary = summarize(records, settings)
     summary["model"] = str(model_path)
+    if quantize not in (None, "none"):
+        summary["quantize"] = dict(weights=quantize, vision=quantize_vision)
     knobs = EngineSettings.from_config(model.config, mode="bilevel", **settings.engine)
     summary["engine"] = {k: v for k, v in asdict(knobs).items() if k not in ("mode", "offload")}
     write_json(out / "niah.json", {"summary": summary, "records": records})

@@ -48,8 +48,11 @@ def run_demo(
     device: str = "cpu",
     progress: bool = True,
     engine: dict | None = None,
+    quantize: str | None = None,
+    quantize_vision: bool = False,
 ) -> list[DemoResult]:
-    """`engine`: EngineSettings overrides (default: the model config's own settings)."""
+    """`engine`: EngineSettings overrides (default: the model config's own settings); `quantize`:
+    weight-only "int8" / "int4" (load_model's quantize=, torchao)."""
     import torch
 
     from .. import load_model, load_tokenizer
@@ -59,7 +62,7 @@ def run_demo(
     out = Path(out_dir)
     spec = demo_spec(num_frames, fps, seed)
     video = write_video(spec, out / "demo.mp4")
-    model = load_model(model_path, device=device)
+    model = load_model(model_path, device=device, quantize=quantize, quantize_vision=quantize_vision)
     tokenizer = load_tokenizer(model_path)
     settings = EngineSettings.from_config(model.config, mode=mode, **(engine or {}))
     truth_spans = [
@@ -109,7 +112,16 @@ def describe(result: DemoResult, memory_bytes: int | None) -> str:
 def main(args) -> int:
     start = time.perf_counter()
     results = run_demo(
-        args.model, args.out, args.frames, args.fps, args.seed, args.mode, args.device, progress=True
+        args.model,
+        args.out,
+        args.frames,
+        args.fps,
+        args.seed,
+        args.mode,
+        args.device,
+        progress=True,
+        quantize=args.quantize,
+        quantize_vision=args.quantize_vision,
     )
     dense_bytes = results[0].stats.get("dense_kv_bytes") if results else None
     first = results[0].stats

@@ -43,10 +43,14 @@ weights are to store exactly this, so the planner's bytes stay equal to the byte
   counted with the activations (a pre-fill block's key set, a question's cache).
 * `quantize="int8"` (`WEIGHT_INT8_*`): each `nn.Linear` weight of the language model (q/k/v/o, gate/up/down
   in every decoder layer, and `lm_head` unless it is tied to the embedding table) is int8, one byte per
-  element, with one fp32 scale per output channel; `quantize="int4"` (`WEIGHT_INT4_*`): two 4-bit values
-  per byte (each row padded to whole bytes), one fp32 scale per group of 128 input elements (the last
-  group of a row may be short), symmetric (no zero points). Biases, embeddings, norms, the vision tower,
-  the DTS and the projector stay in the compute dtype.
+  element, with one fp32 scale per output channel, symmetric (no zero points); `quantize="int4"`
+  (`WEIGHT_INT4_*`): two 4-bit values per byte and, per group of 128 input elements, a scale and a zero
+  point in the compute dtype (asymmetric: 4 bytes a group in bf16, 8 in fp32); a linear whose input width is
+  not a multiple of 128 or whose output width is not a multiple of 16 stays in the compute dtype. Biases,
+  embeddings, norms, the vision tower, the DTS and the projector stay in the compute dtype. These are the
+  bytes torchao stores (`modeling/quantize.py`: its int8 weight-only tensor without the all-zero zero
+  points, its tinygemm int4 on CPU and its plain int4 on CUDA; its tile-packed CUDA int4, used when `mslk`
+  is not installed, pads each weight to 1,024 inputs and 8 outputs and so stores more).
 """
 
 from __future__ import annotations
@@ -72,8 +76,10 @@ KV_INT8_SCALE_BYTES = 4  # one fp32 scale per token, per KV head, per layer, for
 WEIGHT_INT8_ELEMENT_BITS = 8
 WEIGHT_INT8_SCALE_BYTES = 4  # one fp32 scale per output channel
 WEIGHT_INT4_ELEMENT_BITS = 4
-WEIGHT_INT4_GROUP_SIZE = 128  # input elements sharing one scale
-WEIGHT_INT4_SCALE_BYTES = 4  # one fp32 scale per group, no zero point
+WEIGHT_INT4_GROUP_SIZE = 128  # input elements sharing a scale and a zero point (input widths: its multiples)
+WEIGHT_INT4_GROUP_VALUES = 2  # a scale and a zero point per group, each in the compute dtype
+WEIGHT_INT4_OUT_MULTIPLE = 16  # output widths int4 takes (torch's CPU int4 packing)
+WEIGHT_INT4_SCALE_BYTES = WEIGHT_INT4_GROUP_VALUES * 2  # bytes per group in bf16 (the released 7B's case)
 WEIGHT_QUANTIZATIONS = ("none", "int8", "int4")
 KV_DTYPES = ("bf16", "fp16", "fp32", "int8")
 
@@ -252,14 +258,22 @@ def parameter_count(config) -> int:
     return _weight_shapes(config.to_json_string(use_diff=False))[0]
 
 
-def quantized_linear_bytes(out_features: int, in_features: int, quantize: str) -> int:
-    """Bytes of one linear weight (bias not included) stored as `quantize` ("int8" or "int4")."""
+def int4_takes(out_features: int, in_features: int) -> bool:
+    """Whether int4 converts a linear of this shape (else it stays in the compute dtype)."""
+    return in_features % WEIGHT_INT4_GROUP_SIZE == 0 and out_features % WEIGHT_INT4_OUT_MULTIPLE == 0
+
+
+def quantized_linear_bytes(out_features: int, in_features: int, quantize: str, dtype=torch.bfloat16) -> int:
+    """Bytes of one linear weight (bias not included) stored as `quantize` ("int8" or "int4") with compute
+    `dtype` (int4's scales and zero points are in it; a shape int4 does not take stays in it)."""
     if quantize == "int8":
         return out_features * (in_features * WEIGHT_INT8_ELEMENT_BITS // 8 + WEIGHT_INT8_SCALE_BYTES)
     if quantize == "int4":
-        packed = -(-in_features * WEIGHT_INT4_ELEMENT_BITS // 8)
-        groups = -(-in_features // WEIGHT_INT4_GROUP_SIZE)
-        return out_features * (packed + groups * WEIGHT_INT4_SCALE_BYTES)
+        if not int4_takes(out_features, in_features):
+            return out_features * in_features * dtype_bytes(dtype)
+        packed = in_features * WEIGHT_INT4_ELEMENT_BITS // 8
+        groups = in_features // WEIGHT_INT4_GROUP_SIZE
+        return out_features * (packed + groups * WEIGHT_INT4_GROUP_VALUES * dtype_bytes(dtype))
     raise InputError(f"quantize must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, got {quantize!r}")
 
 
@@ -288,8 +302,10 @@ def weight_breakdown(config, dtype, quantize: str | None = None) -> WeightBytes:
     b = dtype_bytes(dtype)
     if quantize == "none":
         return WeightBytes(quantize, 0, 0, total, total * b)
+    if quantize == "int4":
+        linears = tuple((o, i) for o, i in linears if int4_takes(o, i))
     params = sum(o * i for o, i in linears)
-    stored = sum(quantized_linear_bytes(o, i, quantize) for o, i in linears)
+    stored = sum(quantized_linear_bytes(o, i, quantize, dtype) for o, i in linears)
     return WeightBytes(quantize, params, stored, total - params, (total - params) * b)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import _add_engine_args
+    from ..cli import _add_engine_args, _add_quantize_args
     from .benchmarks import BENCHMARKS, PROTOCOLS
     from .runner import DEFAULT_MODEL
     from .videomme import DURATIONS
@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16"
     )
+    _add_quantize_args(parser)
     _add_engine_args(parser)
     parser.add_argument(
         "--max-frames", type=int, default=None, help=f"frame budget; default the release's: {names}"
@@ -79,6 +80,8 @@ def run(args) -> int:
         engine={k: v for k, v in _engine_overrides(args).items() if v is not None},
         device=args.device,
         dtype=args.dtype,
+        quantize=args.quantize,
+        quantize_vision=args.quantize_vision,
         limit=args.limit,
         resume=args.resume,
         overwrite=args.overwrite,

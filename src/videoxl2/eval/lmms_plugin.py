@@ -6,6 +6,7 @@
         --tasks videomme --batch_size 1
 
 Model args: pretrained (checkpoint folder), device (default: this process's GPU, else cpu), dtype,
+quantize=int8|int4 and quantize_vision=true (weight-only, through torchao; see docs/gpu.md),
 max_frames_num / fps / max_fps (frame sampling), mode / block_size / prev_blocks / unit_size / topk /
 compression / rerotate / offload (engine). Like the release's own wrapper, generation stops at <|im_end|>
 and ignores the task's `until` strings. Questions about the same video share one pre-fill.
@@ -54,6 +55,8 @@ class VideoXL2(lmms):
         pretrained: str,
         device: str | None = None,
         dtype: str | None = None,
+        quantize: str | None = None,
+        quantize_vision: bool | str = False,
         max_frames_num: int = 512,
         fps: float | None = 1.0,
         max_fps: float | None = 4.0,
@@ -84,7 +87,13 @@ class VideoXL2(lmms):
         if device == "cuda":  # each data-parallel process on its own GPU
             device = f"cuda:{local_rank}"
         self._device = torch.device(device)
-        self.model = load_model(pretrained, device=self._device, dtype=dtype)
+        self.model = load_model(
+            pretrained,
+            device=self._device,
+            dtype=dtype,
+            quantize=quantize,
+            quantize_vision=_flag("quantize_vision", quantize_vision),
+        )
         self.tokenizer = load_tokenizer(pretrained)
         self.settings = EngineSettings.from_config(
             self.model.config,

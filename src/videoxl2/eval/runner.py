@@ -55,6 +55,8 @@ class EvalSettings:
     engine: dict = field(default_factory=dict)
     device: str = "cpu"
     dtype: str | None = None
+    quantize: str | None = None  # weight-only "int8" / "int4" (torchao); None: full precision
+    quantize_vision: bool = False
     limit: int | None = None
     resume: bool = False
     overwrite: bool = False
@@ -142,7 +144,9 @@ def run_config(settings: EvalSettings, bench: Benchmark, options: Options) -> di
     from the checkpoint's config."""
     from ..engine.settings import EngineSettings
     from ..modeling.checkpoint import read_config, resolve_checkpoint
+    from ..modeling.quantize import check_quantize
 
+    quantize = check_quantize(settings.quantize)
     model = resolve_checkpoint(settings.model)  # a folder, or a hub id in the local cache
     if not model.is_dir():
         raise InputError(f"--model {model}: not a checkpoint folder")
@@ -155,6 +159,8 @@ def run_config(settings: EvalSettings, bench: Benchmark, options: Options) -> di
         annotations=None if options.annotations is None else str(Path(options.annotations).resolve()),
         model=str(model.resolve()),
         dtype=settings.dtype,
+        # only when set, so that runs from before --quantize existed still resume
+        **({"quantize": quantize, "quantize_vision": settings.quantize_vision} if quantize else {}),
         max_frames=int(settings.max_frames or bench.max_frames),
         fps=settings.fps,
         max_fps=settings.max_fps,
@@ -262,7 +268,13 @@ def answer_all(pending, bench, options, settings, config, world, path: Path) -> 
     device = settings.device
     if world.size > 1 and device.startswith("cuda") and ":" not in device:
         device = f"cuda:{world.local_rank}"
-    model = load_model(settings.model, device=device, dtype=settings.dtype)
+    model = load_model(
+        settings.model,
+        device=device,
+        dtype=settings.dtype,
+        quantize=config.get("quantize"),
+        quantize_vision=config.get("quantize_vision", False),
+    )
     tokenizer = load_tokenizer(settings.model)
     engine = EngineSettings(**config["engine"])
     generation = {"max_new_tokens": config["max_new_tokens"]}

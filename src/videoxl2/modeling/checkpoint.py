@@ -226,15 +226,27 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     local_files_only: bool | None = None,
+    quantize: str | None = None,
+    quantize_vision: bool = False,
 ):
     """Load a Video-XL-2 checkpoint (release or ours) onto `device` in `dtype` (default: float32 on CPU,
     bfloat16 elsewhere): a folder, or a hub id such as "BAAI/Video-XL-2" resolved through the Hugging Face
     cache at `revision` (`resolve_checkpoint`; `local_files_only` defaults to `HF_HUB_OFFLINE`).
     `device=None` places nothing (DeepSpeed ZeRO-3 partitions the model itself).
+    `quantize` ("int8", "int4"; None or "none": off) stores the language model's linear weights quantized
+    through torchao (`modeling/quantize.py`; `quantize_vision` the SigLIP tower's too): the model is read
+    into host memory, each linear is quantized on its way to `device`, then the rest follows, so the device
+    never holds the full-precision weights.
     Raises `CheckpointError` naming what is wrong, and `ConfigError` naming a release config.json key whose
     value the code does not implement (`videoxl2.config.RELEASE_IMPLEMENTED`)."""
+    from .quantize import check_quantize, import_torchao, quantize_model, release_float_copies
     from .videoxl2 import VideoXL2ForCausalLM
 
+    quantize = check_quantize(quantize)  # a bad value or a missing torchao fails before any weight is read
+    if quantize is not None:
+        if device is None:
+            raise CheckpointError("quantize needs a device to load onto (device=None: the caller places)")
+        import_torchao()
     path = resolve_checkpoint(path, revision, local_files_only)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
@@ -248,12 +260,17 @@ def load_model(
         dtype = getattr(torch, dtype)
     # The release's unused text_mlp is renamed out of the language model's way, then ignored.
     key_mapping = {p: (t if t is not None else "text_mlp.") for p, t in RELEASE_RENAMES} if release else None
+    load_on = torch.device("cpu") if quantize is not None else device  # quantized on the way to `device`
     model = VideoXL2ForCausalLM.from_pretrained(
         path,
         config=config,
         dtype=dtype,
-        device_map=None if device is None else {"": device},
+        device_map=None if load_on is None else {"": load_on},
         key_mapping=key_mapping,
         local_files_only=True,
     )
+    if quantize is not None:
+        quantize_model(model, quantize, device=device, vision=quantize_vision)
+        model.to(device)
+        release_float_copies(model)
     return model.eval()

@@ -25,6 +25,8 @@ class ServeSettings:
     model: str
     device: str = "cpu"
     dtype: str | None = None
+    quantize: str | None = None  # weight-only "int8" / "int4" through torchao (load_model's quantize=)
+    quantize_vision: bool = False
     media_roots: list[str] = field(default_factory=list)
     api_key: str | None = None
     max_queue: int = 8  # requests admitted at once (running + waiting); more get 429
@@ -67,9 +69,15 @@ class VideoChatService:
         from .. import load_model, load_tokenizer
 
         self.settings = settings
-        self.model = (
-            model if model is not None else load_model(settings.model, settings.device, settings.dtype)
-        )
+        if model is None:
+            model = load_model(
+                settings.model,
+                settings.device,
+                settings.dtype,
+                quantize=settings.quantize,
+                quantize_vision=settings.quantize_vision,
+            )
+        self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
         self.model_id = Path(settings.model).name or "videoxl2"
         self.policy = MediaPolicy(
