@@ -85,6 +85,16 @@ def _add_memory_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="bilevel: keys at contiguous positions (the release's way) or, with --no-rerotate, at their own",
     )
+    parser.add_argument(
+        "--kv-dtype",
+        choices=["auto", "int8"],
+        default=None,
+        help="video memory: auto (the model's dtype) or int8, a scale per token and KV head (half of bf16)",
+    )
+    # `videoxl2 plan` adds its own --kv-dtype (float dtypes too) after this one: let the later one replace it
+    # (argparse checks conflicts in the group an option is added to, the parser's optionals here).
+    for container in (parser, parser._optionals):
+        container.conflict_handler = "resolve"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +140,7 @@ def _memory_overrides(args) -> dict:
         topk=args.topk,
         compression=args.compression,
         rerotate=args.rerotate,
+        kv_dtype=args.kv_dtype if args.kv_dtype in ("auto", "int8") else None,  # plan: its float dtypes aside
     )
 
 

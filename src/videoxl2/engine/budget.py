@@ -35,10 +35,12 @@ Activation figures are estimates (a few percent of the total at long videos); th
 Quantized layouts the planner assumes (named constants below; the int8 video memory and the quantized
 weights are to store exactly this, so the planner's bytes stay equal to the bytes measured):
 
-* `kv_dtype="int8"` (`KV_INT8_*`): every stored key and value element is one int8 byte, with one fp32 scale
+* `kv_dtype="int8"` (`KV_INT8_*`): every stored key and value element is one int8 byte, with one fp16 scale
   per token, per KV head, per layer, for keys and for values separately (symmetric, `x ~ q * scale`):
-  layers x 2 x kv_heads x (head_dim + 4) bytes per token (29,568 B for the 7B: 52% of bf16, 26% of fp32).
-  The dense store, the sparse KV and a bi-level question's assembled cache all hold this layout.
+  layers x 2 x kv_heads x (head_dim + 2) bytes per token (29,120 B for the 7B: 51% of bf16, 25% of fp32;
+  the demo model's head_dim of 32 gives 27% of fp32, where an fp32 scale would give 28%). Per channel
+  scales for keys were measured and not needed (docs/engine.md). The dense store, the sparse KV and a
+  bi-level question's assembled cache all hold this layout (`prefill.Int8Rows`).
   Attention reads a dequantized copy of one layer's keys and values at a time, in the compute dtype,
   counted with the activations (a pre-fill block's key set, a question's cache).
 * `quantize="int8"` (`WEIGHT_INT8_*`): each `nn.Linear` weight of the language model (q/k/v/o, gate/up/down
@@ -72,7 +74,8 @@ GB = 1e9
 
 # Quantized layouts (see the module docstring): bytes per element and per scale.
 KV_INT8_ELEMENT_BYTES = 1
-KV_INT8_SCALE_BYTES = 4  # one fp32 scale per token, per KV head, per layer, for keys and for values
+KV_INT8_SCALE_DTYPE = torch.float16  # the engine stores its int8 KV scales in this dtype
+KV_INT8_SCALE_BYTES = 2  # one fp16 scale per token, per KV head, per layer, for keys and for values
 WEIGHT_INT8_ELEMENT_BITS = 8
 WEIGHT_INT8_SCALE_BYTES = 4  # one fp32 scale per output channel
 WEIGHT_INT4_ELEMENT_BITS = 4
@@ -227,7 +230,7 @@ def is_int8_kv(kv_dtype) -> bool:
 
 def kv_bytes_per_token(config, dtype) -> int:
     """Dense KV bytes of one token, all layers: layers x 2 (K, V) x kv_heads x head_dim x dtype bytes; for
-    int8, each head's row of head_dim bytes carries its fp32 scale (`KV_INT8_SCALE_BYTES`)."""
+    int8, each head's row of head_dim bytes carries its fp16 scale (`KV_INT8_SCALE_BYTES`)."""
     s = Shape.of(config)
     if is_int8_kv(dtype):
         return s.layers * 2 * s.kv_heads * (s.head_dim * KV_INT8_ELEMENT_BYTES + KV_INT8_SCALE_BYTES)

@@ -8,6 +8,10 @@ and to each other with one lower-right causal call, a generated token with one u
 
 Host-device synchronisation: a generated token costs one — its logits are copied to the host, where the
 next token is chosen; the token then goes back up without blocking.
+
+An int8 cache (`Int8Rows`, from an int8 video memory) takes the new tokens' K/V quantized, and each call
+attends to what was there before read back from int8 (`prefill.stored_attention`: a chunk of keys
+dequantized at a time, or for a long question one dequantized copy of the layer) and to its own K/V exact.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from ..generation import GenerationSettings, generate_tokens
 from .memory import MixedCache
+from .prefill import stored_attention
 from .runner import LayerRunner, attention, upload
 
 
@@ -27,10 +32,13 @@ def run_on_cache(runner: LayerRunner, model, cache: MixedCache, token_ids: torch
     end = start + n
     cache.reserve(n)
     offset = cache.next_position - start  # cache slot -> RoPE position
+    int8 = cache.int8
 
     def attend(layer, q, k, v):
         cache.keys[layer][:, start:end] = k
         cache.values[layer][:, start:end] = v
+        if int8:
+            return stored_attention(q, cache.keys[layer], cache.values[layer], start, k, v)
         return attention(q, cache.keys[layer][:, :end], cache.values[layer][:, :end], causal=True)
 
     embeds = model.get_input_embeddings()(upload(token_ids, device))

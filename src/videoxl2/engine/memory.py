@@ -15,6 +15,12 @@ them anywhere.
 dense KV or its sparse KV. With `rerotate` (the release's bi-level way) the assembled keys sit at contiguous
 positions 0..M-1; otherwise each key keeps its original position (pooled keys: the mean of theirs) and the
 question continues at the original length. `question_cache` picks the store itself or `assemble`.
+
+An int8 memory (`kv_dtype="int8"` pre-fill) holds `Int8Rows` everywhere: the dense store, the sparse KV
+(built from the dense KV dequantized a chunk at a time: keys un-rotated, visual tokens pooled, then
+quantized; time-token values copied as they are) and an assembled cache (rows copied as int8; keys that must
+turn are dequantized, rotated and quantized again, `ROPE_CHUNK` at a time). Such a memory works with a model
+computing in any floating dtype: attention dequantizes into it.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ from safetensors.torch import save_file
 
 from ..errors import ConfigError, InputError
 from ..prompt import GroupSpan, TokenLayout
-from .prefill import SPARE_TOKENS, KVStore
-from .runner import LayerRunner, apply_rope, upload
+from .prefill import SPARE_TOKENS, Int8Rows, KVStore, empty_kv, kv_nbytes, read_kv
+from .runner import ROPE_CHUNK, LayerRunner, apply_rope, upload
 
 FORMAT_VERSION = 1
 SPARSE_CHUNK_GROUPS = 64  # groups turned into sparse KV at a time (bounds the fp32 temporaries)
@@ -67,18 +73,25 @@ class MixedCache:
     def capacity(self) -> int:
         return int(self.keys[0].shape[1])
 
+    @property
+    def int8(self) -> bool:
+        return isinstance(self.keys[0], Int8Rows)
+
     def nbytes(self) -> int:
-        """Bytes of the filled part (what the video costs the question)."""
-        return sum(t[:, : self.length].numel() * t.element_size() for t in (*self.keys, *self.values))
+        """Bytes of the filled part (what the video costs the question), int8 scales included."""
+        return sum(kv_nbytes(t[:, : self.length]) for t in (*self.keys, *self.values))
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more tokens (one copy, only if the spare capacity is short)."""
         need = self.length + extra
         if need <= self.capacity:
             return
-        grow = lambda t: torch.cat(
-            [t[:, : self.length], t.new_empty(t.shape[0], need - self.length, t.shape[2])], 1
-        )  # noqa: E731
+
+        def grow(t):
+            new = empty_kv((t.shape[0], need, t.shape[2]), t.dtype, t.device, isinstance(t, Int8Rows))
+            new[:, : self.length] = t[:, : self.length]
+            return new
+
         self.keys = [grow(t) for t in self.keys]
         self.values = [grow(t) for t in self.values]
 
@@ -157,14 +170,16 @@ class VideoMemory:
 
         Groups are processed `SPARSE_CHUNK_GROUPS` at a time: the chunk's dense keys are rotated back to
         position 0 (RoPE undone), its time tokens kept and its visual tokens pooled, then written into the
-        sparse buffers; temporaries stay the size of one chunk of one layer."""
+        sparse buffers; temporaries stay the size of one chunk of one layer. An int8 memory reads the chunk
+        dequantized into the compute dtype and writes int8 (time-token values are copied as they are)."""
         if self.sparse_keys is not None:
             return
         self.check_model(runner)
         device, layout, step = runner.device, self.layout, self.compression
         shape = (self.keys[0].shape[0], self.sparse_offsets[-1], self.keys[0].shape[2])
-        sparse_keys = [torch.empty(shape, dtype=self.dtype, device=device) for _ in self.keys]
-        sparse_values = [torch.empty(shape, dtype=self.dtype, device=device) for _ in self.keys]
+        int8 = self.int8
+        sparse_keys = [empty_kv(shape, self.dtype, device, int8) for _ in self.keys]
+        sparse_values = [empty_kv(shape, self.dtype, device, int8) for _ in self.keys]
         groups = layout.groups
         for first in range(0, len(groups), SPARSE_CHUNK_GROUPS):
             chunk = groups[first : first + SPARSE_CHUNK_GROUPS]
@@ -184,12 +199,13 @@ class VideoMemory:
             cos, sin = runner.rope_tables(-torch.arange(a, b, dtype=torch.float64), device)
             s0, s1 = self.sparse_offsets[first], self.sparse_offsets[first + len(chunk)]
             for layer in range(len(self.keys)):
-                keys = self.keys[layer][:, a:b].to(device, non_blocking=True)
-                values = self.values[layer][:, a:b].to(device, non_blocking=True)
+                keys = read_kv(self.keys[layer][:, a:b], runner.dtype, device, non_blocking=True)
+                stored_values = self.values[layer][:, a:b].to(device, non_blocking=True)
+                values = read_kv(stored_values, runner.dtype)
                 pre = apply_rope(keys, cos, sin)  # undo RoPE: rotate back
                 out_k, out_v = sparse_keys[layer][:, s0:s1], sparse_values[layer][:, s0:s1]
                 out_k.index_copy_(1, time_dst, pre.index_select(1, time_rows))
-                out_v.index_copy_(1, time_dst, values.index_select(1, time_rows))
+                out_v.index_copy_(1, time_dst, stored_values.index_select(1, time_rows))
                 out_k.index_copy_(1, pooled_dst, pool(pre.index_select(1, visual_rows), step))
                 out_v.index_copy_(1, pooled_dst, pool(values.index_select(1, visual_rows), step))
         self.sparse_keys, self.sparse_values = sparse_keys, sparse_values
@@ -222,7 +238,12 @@ class VideoMemory:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The stored element type: the model's compute dtype, or torch.int8."""
         return self.keys[0].dtype
+
+    @property
+    def int8(self) -> bool:
+        return isinstance(self.keys[0], Int8Rows)
 
     @property
     def spare(self) -> int:
@@ -230,19 +251,19 @@ class VideoMemory:
         return int(self._key_buffers[0].shape[1]) - self.layout.video_end
 
     def dense_bytes(self) -> int:
-        """Bytes of the video's dense KV."""
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        """Bytes of the video's dense KV (int8 scales included)."""
+        return sum(kv_nbytes(t) for t in (*self.keys, *self.values))
 
     def sparse_bytes(self) -> int:
         """Bytes the sparse KV holds now (0 until a bi-level question built it)."""
         if self.sparse_keys is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (*self.sparse_keys, *self.sparse_values))
+        return sum(kv_nbytes(t) for t in (*self.sparse_keys, *self.sparse_values))
 
     def sparse_size_bytes(self) -> int:
         """Bytes the sparse KV takes once built."""
-        kv_heads, _, dim = self.keys[0].shape
-        return 2 * len(self.keys) * kv_heads * self.sparse_offsets[-1] * dim * self.keys[0].element_size()
+        per_token = kv_nbytes(self.keys[0][:, :1])  # one token of one layer's K, every KV head
+        return 2 * len(self.keys) * self.sparse_offsets[-1] * per_token
 
     def to(self, device) -> VideoMemory:
         """Move the dense KV (the bulk) to `device`, e.g. "cpu" to offload while the model stays on GPU;
@@ -255,8 +276,9 @@ class VideoMemory:
         return self
 
     def check_model(self, runner: LayerRunner) -> None:
-        """Refuse (one line) a model computing in another dtype than the memory holds."""
-        if runner.dtype != self.dtype:
+        """Refuse (one line) a model computing in another dtype than the memory holds (an int8 memory
+        dequantizes into whatever the model computes in)."""
+        if runner.dtype != self.dtype and not self.int8:
             raise InputError(
                 f"this video memory holds {str(self.dtype).removeprefix('torch.')} KV but the model computes "
                 f"in {str(runner.dtype).removeprefix('torch.')}: load it with VideoMemory.load(..., "
@@ -276,7 +298,7 @@ class VideoMemory:
         length = self.layout.video_end
         for buffers in (self._key_buffers, self._value_buffers):
             for i, old in enumerate(buffers):
-                new = old.new_empty(old.shape[0], length + spare, old.shape[2])
+                new = empty_kv((old.shape[0], length + spare, old.shape[2]), old.dtype, old.device, self.int8)
                 new[:, :length] = old[:, :length]
                 buffers[i] = new
         self._set_views()
@@ -358,8 +380,8 @@ class VideoMemory:
         keys, values = [], []
         for layer in range(len(self.keys)):
             shape = (self.keys[layer].shape[0], cursor + reserve, self.keys[layer].shape[2])
-            k = torch.empty(shape, dtype=self.dtype, device=device)
-            v = torch.empty_like(k)
+            k = empty_kv(shape, self.dtype, device, self.int8)
+            v = empty_kv(shape, self.dtype, device, self.int8)
             k.index_copy_(1, d_dst, self.keys[layer].index_select(1, d_src).to(device))
             v.index_copy_(1, d_dst, self.values[layer].index_select(1, d_src).to(device))
             if sparse_src.numel():
@@ -369,7 +391,10 @@ class VideoMemory:
             values.append(v)
         turns = torch.empty(cursor, dtype=torch.float64)
         turns[dense_dst], turns[sparse_dst] = dense_turn, sparse_turn
-        runner.rotate_(keys, turns)
+        if self.int8:
+            rotate_int8_(runner, keys, turns)
+        else:
+            runner.rotate_(keys, turns)
         return MixedCache(keys, values, cursor, next_position, slices, sorted(dense))
 
     # -- persistence ----------------------------------------------------------------------------------------
@@ -378,12 +403,16 @@ class VideoMemory:
         written only if it was built."""
         path = Path(path)
         tensors = {"input_ids": self.layout.input_ids.contiguous()}
+        kinds = {"keys": self.keys, "values": self.values}
+        if self.sparse_keys is not None:
+            kinds.update(sparse_keys=self.sparse_keys, sparse_values=self.sparse_values)
         for i in range(len(self.keys)):
-            tensors[f"keys.{i}"] = self.keys[i].contiguous().cpu()
-            tensors[f"values.{i}"] = self.values[i].contiguous().cpu()
-            if self.sparse_keys is not None:
-                tensors[f"sparse_keys.{i}"] = self.sparse_keys[i].contiguous().cpu()
-                tensors[f"sparse_values.{i}"] = self.sparse_values[i].contiguous().cpu()
+            for kind, layers in kinds.items():
+                t = layers[i]
+                if isinstance(t, Int8Rows):  # int8 codes, and a (kv_heads, tokens) scale tensor beside them
+                    tensors[f"scales.{kind}.{i}"] = t.scale[..., 0].contiguous().cpu()
+                    t = t.data
+                tensors[f"{kind}.{i}"] = t.contiguous().cpu()
         header = dict(
             format=FORMAT_VERSION,
             groups=[[g.time_start, g.visual_start, g.end, g.seconds] for g in self.layout.groups],
@@ -395,6 +424,8 @@ class VideoMemory:
             compression=self.compression,
             extra=metadata or {},
         )
+        if self.int8:
+            header["kv_dtype"] = "int8"
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
@@ -410,7 +441,8 @@ class VideoMemory:
     def load(cls, path, device="cpu", dtype: torch.dtype | None = None) -> tuple[VideoMemory, dict]:
         """Read a file written by `save` onto `device`, converted to `dtype` (None: as stored); returns the
         memory and the caller's metadata. A memory used with a model of another dtype is refused
-        (`check_model`), so load it in the dtype the model computes in."""
+        (`check_model`), so load it in the dtype the model computes in. An int8 memory (int8 codes and
+        their scales) stays int8 whatever `dtype` says: it serves a model of any floating dtype."""
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: no such memory file")
@@ -437,13 +469,15 @@ class VideoMemory:
                 )
                 layers = sum(1 for name in names if name.startswith("keys."))
                 has_sparse = f"sparse_keys.{layers - 1}" in names
+                int8 = header.get("kv_dtype") == "int8"
                 tensors = {"keys": [], "values": [], "sparse_keys": [], "sparse_values": []}
                 for kind, tensor_list in tensors.items():
                     if kind.startswith("sparse") and not has_sparse:
                         continue
                     spare = 0 if kind.startswith("sparse") else SPARE_TOKENS
                     for i in range(layers):
-                        tensor_list.append(_read_layer(handle, f"{kind}.{i}", spare, device, dtype))
+                        read = _read_int8_layer if int8 else _read_layer
+                        tensor_list.append(read(handle, f"{kind}.{i}", spare, device, dtype))
         except InputError:
             raise
         except Exception as err:
@@ -466,6 +500,33 @@ class VideoMemory:
         if memory.sparse_offsets != header["sparse_offsets"]:
             raise InputError(f"{path}: sparse offsets do not match the layout")
         return memory, header.get("extra", {})
+
+
+def _read_int8_layer(handle, name: str, spare: int, device: torch.device, dtype=None) -> Int8Rows:
+    """One stored int8 (kv_heads, n, D) tensor and its (kv_heads, n) scales as `Int8Rows` on `device`, with
+    `spare` empty slots after them (`dtype` does not apply: the rows stay int8)."""
+    data, scale = handle.get_tensor(name), handle.get_tensor(f"scales.{name}")
+    if data.dim() != 3 or data.dtype != torch.int8 or scale.shape != data.shape[:2]:
+        raise InputError(f"{name}: expected int8 (kv_heads, tokens, head_dim) with one scale per row")
+    heads, length, dim = data.shape
+    out = Int8Rows.empty((heads, length + spare, dim), device)
+    out[:, :length] = Int8Rows(data, scale[..., None])
+    return out
+
+
+def rotate_int8_(runner: LayerRunner, keys: list[Int8Rows], turns: torch.Tensor) -> None:
+    """`LayerRunner.rotate_` for int8 keys: only the rows whose turn is not zero are dequantized (compute
+    dtype), rotated and quantized again, `ROPE_CHUNK` rows at a time; the others keep their codes."""
+    for a in range(0, turns.numel(), ROPE_CHUNK):
+        part = turns[a : a + ROPE_CHUNK]
+        moved = part.nonzero()[:, 0]  # host tensor: no device sync
+        if not moved.numel():
+            continue
+        cos, sin = runner.rope_tables(part[moved], keys[0].device)
+        rows = upload(moved + a, keys[0].device)
+        for k in keys:
+            turned = apply_rope(k.index_select(1, rows).dequantize(runner.dtype), cos, sin)
+            k.index_copy_(1, rows, turned)
 
 
 def _read_layer(handle, name: str, spare: int, device: torch.device, dtype) -> torch.Tensor:

@@ -17,6 +17,13 @@ Positions are the original 0..L-1 (the release rotates at original positions whi
 Everything a block needs to know about rows (which are time tokens, where the window starts, how many
 gathered tokens precede it) comes from the layout on the host as plain slices, and the prompt's token ids
 are uploaded once, without blocking: the engine makes no host-device synchronisation per block.
+
+With `kv_dtype="int8"` the store holds `Int8Rows` (int8 elements, one scale per token and KV head, the layout
+`budget.py` states) and every block's K/V are quantized as they are written. The block being computed
+attends to its own K/V exactly (they are at hand in the layer) and to everything stored before it read back
+from int8: the visual rows of a chunked block, and every row of a dense block, through one dequantized copy
+of their key set for the layer (compute dtype, then SDPA as in full precision); the few time-token rows
+through `stored_attention`, which dequantizes `INT8_CHUNK` keys at a time.
 """
 
 from __future__ import annotations
@@ -28,16 +35,205 @@ import torch
 
 from ..errors import InputError
 from ..prompt import TokenLayout
+from .budget import KV_INT8_SCALE_DTYPE
 from .runner import LayerRunner, apply_rope, attention, upload  # noqa: F401  (re-exported for callers)
+from .settings import KV_DTYPES
 
 SPARE_TOKENS = 1024  # store capacity past the video, for a question and its answer (see VideoMemory)
+INT8_CHUNK = 4096  # int8 keys dequantized at a time by `stored_attention`
+INT8_SDPA_QUERIES = 64  # above this many queries `stored_attention` dequantizes the layer's set and runs SDPA
+INT8_MAX = 127
+EXP_FLOOR = -80.0  # softmax exponents are clamped here: exp below it is < 2e-35 and, under -87, a denormal,
+# which x86 CPUs compute ~40x slower (measured: the time-token rows of a pre-fill block took 5x longer)
+
+
+class Int8Rows:
+    """Rows of int8 with one scale per row: `data` (kv_heads, n, D) int8 and `scale` (kv_heads, n, 1) in
+    `KV_INT8_SCALE_DTYPE`, symmetric (x ~ data * scale, scale = max |x| of the row / 127). One row is one
+    token of one KV head, so a store of these is the int8 layout of `budget.py`. Indexing, assignment
+    (a float tensor is quantized), `index_select` / `index_copy_` and `to` act on both parts alike."""
+
+    __slots__ = ("data", "scale")
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor):
+        self.data, self.scale = data, scale
+
+    @classmethod
+    def empty(cls, shape, device) -> Int8Rows:
+        heads, n, dim = shape
+        return cls(
+            torch.empty(heads, n, dim, dtype=torch.int8, device=device),
+            torch.empty(heads, n, 1, dtype=KV_INT8_SCALE_DTYPE, device=device),
+        )
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor) -> Int8Rows:
+        """Symmetric per-row quantization of a (kv_heads, n, D) float tensor. The codes are computed with the
+        scale as stored (rounded to its dtype), so `dequantize` reproduces x to half a step."""
+        x = x.float()
+        limit = torch.finfo(KV_INT8_SCALE_DTYPE).max
+        scale = (x.abs().amax(-1, keepdim=True) / INT8_MAX).clamp_(max=limit).to(KV_INT8_SCALE_DTYPE)
+        step = scale.float().clamp_(min=torch.finfo(torch.float32).tiny)  # a zero row stays zero
+        data = (x / step).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        return cls(data, scale)
+
+    def dequantize(self, dtype=torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x ~ data * scale in `dtype`, into `out` if given. The codes are copied in exactly, then scaled in
+        place; the product is formed in fp32 (fp16 scale against a bf16, fp16 or fp32 `out`) and rounded
+        once. (Twice as fast on CPU as one mixed int8 x float multiply.)"""
+        if out is None:
+            out = torch.empty(self.data.shape, dtype=dtype, device=self.data.device)
+        return out.copy_(self.data).mul_(self.scale)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.int8
+
+    def _index(self, index):
+        if not isinstance(index, tuple):
+            index = (index,)
+        if len(index) > 2:
+            raise IndexError("Int8Rows are indexed along heads and tokens only")
+        return index
+
+    def __getitem__(self, index) -> Int8Rows:
+        index = self._index(index)
+        return Int8Rows(self.data[index], self.scale[index])
+
+    def __setitem__(self, index, value) -> None:
+        index = self._index(index)
+        if not isinstance(value, Int8Rows):
+            value = Int8Rows.quantize(value)
+        self.data[index] = value.data
+        self.scale[index] = value.scale
+
+    def index_select(self, dim: int, index: torch.Tensor) -> Int8Rows:
+        return Int8Rows(self.data.index_select(dim, index), self.scale.index_select(dim, index))
+
+    def index_copy_(self, dim: int, index: torch.Tensor, source) -> Int8Rows:
+        if not isinstance(source, Int8Rows):
+            source = Int8Rows.quantize(source)
+        self.data.index_copy_(dim, index, source.data)
+        self.scale.index_copy_(dim, index, source.scale)
+        return self
+
+    def to(self, device, non_blocking: bool = False) -> Int8Rows:
+        return Int8Rows(
+            self.data.to(device, non_blocking=non_blocking), self.scale.to(device, non_blocking=non_blocking)
+        )
+
+    def contiguous(self) -> Int8Rows:
+        return Int8Rows(self.data.contiguous(), self.scale.contiguous())
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+
+
+def kv_nbytes(t) -> int:
+    """Bytes of a K or V tensor, int8 rows with their scales included."""
+    return t.nbytes() if isinstance(t, Int8Rows) else t.numel() * t.element_size()
+
+
+def empty_kv(shape, dtype, device, int8: bool):
+    """An uninitialised (kv_heads, n, D) K or V buffer: `Int8Rows` or a tensor of `dtype`."""
+    return Int8Rows.empty(shape, device) if int8 else torch.empty(shape, dtype=dtype, device=device)
+
+
+def read_kv(t, dtype, device=None, non_blocking: bool = False) -> torch.Tensor:
+    """A K or V slice on `device` (moved first, so int8 rows travel as int8), dequantized into `dtype` if
+    int8 (a float slice is returned as it is)."""
+    if device is not None:
+        t = t.to(device, non_blocking=non_blocking)
+    return t.dequantize(dtype) if isinstance(t, Int8Rows) else t
+
+
+def check_kv_dtype(kv_dtype) -> bool:
+    """Whether `kv_dtype` ("auto" or "int8") asks for the int8 store."""
+    if kv_dtype not in KV_DTYPES:
+        raise InputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    return kv_dtype == "int8"
+
+
+def dequantized_set(parts, k: torch.Tensor | None, dtype) -> torch.Tensor:
+    """One layer's key (or value) set in `dtype`: the int8 slices `parts` one after another, then the exact
+    `k` (the rows being computed), in a single buffer."""
+    heads, dim = (k if k is not None else parts[0]).shape[0], (k if k is not None else parts[0]).shape[2]
+    length = sum(p.shape[1] for p in parts) + (k.shape[1] if k is not None else 0)
+    device = k.device if k is not None else parts[0].device
+    out = torch.empty(heads, length, dim, dtype=dtype, device=device)
+    cursor = 0
+    for part in parts:
+        part.dequantize(out=out[:, cursor : cursor + part.shape[1]])
+        cursor += part.shape[1]
+    if k is not None:
+        out[:, cursor:] = k
+    return out
+
+
+def stored_attention(
+    q: torch.Tensor,
+    keys: Int8Rows,
+    values: Int8Rows,
+    length: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: list[int] | None = None,
+) -> torch.Tensor:
+    """Attention of `q` (heads, n, D) over the int8 keys/values [0, length) followed by the exact `k`/`v`
+    (kv_heads, t, D) of the rows being computed, grouped K/V heads never expanded. Every query sees all
+    stored keys; of the exact ones, query i sees 0 .. rows[i] (None: lower-right causal, the queries being
+    the last n of the t).
+
+    Few queries (time tokens, a question, a generated token): an online softmax in fp32 over the exact keys,
+    then over the stored ones `INT8_CHUNK` at a time, each chunk dequantized as it is read. Many queries
+    (a pre-fill block): one dequantized copy of the layer's set and SDPA."""
+    heads, n, dim = q.shape
+    t = k.shape[1]
+    if rows is None and n > INT8_SDPA_QUERIES:
+        key_set = dequantized_set([keys[:, :length]], k, q.dtype)
+        value_set = dequantized_set([values[:, :length]], v, q.dtype)
+        return attention(q, key_set, value_set, causal=True)
+    kv = k.shape[0]
+    group = heads // kv
+    qg = q.reshape(kv, group * n, dim).float() * dim**-0.5  # heads h = i * group + j share K/V head i
+    if rows is None:
+        visible = torch.ones(n, t, dtype=torch.bool, device=q.device).tril_(t - n)
+    else:
+        row = upload(torch.tensor(rows, dtype=torch.long), q.device)
+        visible = torch.arange(t, device=q.device)[None] <= row[:, None]
+    hidden = ~visible.repeat(group, 1)
+    scores = (qg @ k.float().transpose(1, 2)).masked_fill_(hidden, float("-inf"))
+    top = scores.amax(-1, keepdim=True)  # finite: every query sees at least itself
+    weights = scores.sub_(top).clamp_(min=EXP_FLOOR).exp_().masked_fill_(hidden, 0)
+    total = weights.sum(-1, keepdim=True)
+    out = weights @ v.float()
+    for a in range(0, length, INT8_CHUNK):
+        b = min(a + INT8_CHUNK, length)
+        scores = qg @ keys[:, a:b].dequantize().transpose(1, 2)
+        new_top = torch.maximum(top, scores.amax(-1, keepdim=True))
+        keep = (top - new_top).clamp_(min=EXP_FLOOR).exp_()
+        weights = scores.sub_(new_top).clamp_(min=EXP_FLOOR).exp_()
+        total = total * keep + weights.sum(-1, keepdim=True)
+        out = out * keep + weights @ values[:, a:b].dequantize()
+        top = new_top
+    out = out / total
+    return out.view(kv, group, n, dim).reshape(heads, n, dim).to(q.dtype)
 
 
 @dataclass
 class KVStore:
     """Per-layer K (rotated at original positions) and V of prefix + video, in buffers preallocated to the
     video's length plus `spare` slots (`keys`/`values` are views of the video part), and, for chunked
-    pre-fill, a compact copy of the 'global' tokens (prefix and time tokens) every visual query sees."""
+    pre-fill, a compact copy of the 'global' tokens (prefix and time tokens) every visual query sees.
+    With int8 every buffer is `Int8Rows`."""
 
     key_buffers: list[torch.Tensor]
     value_buffers: list[torch.Tensor]
@@ -55,7 +251,14 @@ class KVStore:
 
     @classmethod
     def allocate(
-        cls, runner: LayerRunner, layout: TokenLayout, dtype, device, spare: int = SPARE_TOKENS, chunked=True
+        cls,
+        runner: LayerRunner,
+        layout: TokenLayout,
+        dtype,
+        device,
+        spare: int = SPARE_TOKENS,
+        chunked=True,
+        int8: bool = False,
     ) -> KVStore:
         length = layout.video_end
         shape = (runner.kv_heads, length + spare, runner.head_dim)
@@ -63,13 +266,17 @@ class KVStore:
         gshape = (runner.kv_heads, count, runner.head_dim)
 
         def empty(s):
-            return [torch.empty(s, dtype=dtype, device=device) for _ in range(runner.num_layers)]
+            return [empty_kv(s, dtype, device, int8) for _ in range(runner.num_layers)]
 
         glob = (empty(gshape), empty(gshape)) if chunked else ([], [])
         return cls(empty(shape), empty(shape), *glob, length)
 
+    @property
+    def int8(self) -> bool:
+        return isinstance(self.key_buffers[0], Int8Rows)
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(kv_nbytes(t) for t in (*self.keys, *self.values))
 
 
 @dataclass
@@ -89,7 +296,8 @@ def causal_pairs(queries: int, keys: int) -> int:
 
 
 class StreamingPrefill:
-    """Feeds prefix and group embeddings into a KVStore; `chunked=False` gives plain causal attention."""
+    """Feeds prefix and group embeddings into a KVStore; `chunked=False` gives plain causal attention;
+    `kv_dtype="int8"` stores int8 K/V (see the module docstring)."""
 
     def __init__(
         self,
@@ -99,6 +307,7 @@ class StreamingPrefill:
         block_size: int,
         prev_blocks: int,
         spare: int = SPARE_TOKENS,
+        kv_dtype: str = "auto",
     ):
         self.model = model
         self.layout = layout
@@ -107,7 +316,10 @@ class StreamingPrefill:
         self.block_size = block_size
         self.prev_blocks = prev_blocks
         self.device = self.runner.device
-        self.store = KVStore.allocate(self.runner, layout, self.runner.dtype, self.device, spare, chunked)
+        self.int8 = check_kv_dtype(kv_dtype)
+        self.store = KVStore.allocate(
+            self.runner, layout, self.runner.dtype, self.device, spare, chunked, self.int8
+        )
         self.stats = PrefillStats()
         self.groups_done = 0
         # Host-side geometry: where each group's time tokens go in the compact global store.
@@ -121,6 +333,8 @@ class StreamingPrefill:
         """Store the slice's K/V at [start, start + n), and its global rows (local [a, b) -> global g0)."""
         store = self.store
         end = start + k.shape[1]
+        if self.int8:  # quantized once, for the store and the global copy alike
+            k, v = Int8Rows.quantize(k), Int8Rows.quantize(v)
         store.key_buffers[layer][:, start:end] = k
         store.value_buffers[layer][:, start:end] = v
         for a, b, g0 in spans:
@@ -140,6 +354,8 @@ class StreamingPrefill:
 
         def attend(layer, q, k, v):
             self._write(layer, start, k, v, spans)
+            if self.int8:  # the stored part read back from int8, this slice's own K/V exact
+                return stored_attention(q, store.key_buffers[layer], store.value_buffers[layer], start, k, v)
             keys, values = store.key_buffers[layer][:, :end], store.value_buffers[layer][:, :end]
             return attention(q, keys, values, causal=True)
 
@@ -190,6 +406,11 @@ class StreamingPrefill:
             for i, g in enumerate(groups)
         ]
         store = self.store
+        if self.int8:
+            attend = self._int8_block_attention(groups, start, window_start, old, spans)
+            self.runner.forward(hidden, torch.arange(start, end, device=self.device), attend)
+            self._count_block(groups, start, end, window_start, old, spans)
+            return
 
         def attend(layer, q, k, v):
             self._write(layer, start, k, v, spans)
@@ -211,6 +432,49 @@ class StreamingPrefill:
             return out
 
         self.runner.forward(hidden, torch.arange(start, end, device=self.device), attend)
+        self._count_block(groups, start, end, window_start, old, spans)
+
+    def _int8_block_attention(self, groups, start: int, window_start: int, old: int, spans):
+        """The attention of a chunked block over an int8 store: the same key sets as in full precision
+        (`_run_block`), with what was stored before the block dequantized and the block's own K/V exact. The
+        visual rows share one dequantized gathered set per layer (nested prefixes, SDPA); the time-token rows
+        of all groups attend in one `stored_attention` call over the store [0, block start) and the block's
+        own keys up to each row."""
+        store = self.store
+        time_rows = [(g.time_start - start, g.visual_start - start) for g in groups]
+        rows = [r for a, b in time_rows for r in range(a, b)]
+        seen = max(b for _, b in time_rows)  # exact keys any time token sees
+
+        def attend(layer, q, k, v):
+            self._write(layer, start, k, v, spans)
+            keys, values = store.key_buffers[layer], store.value_buffers[layer]
+            if old == window_start:  # the window reaches back to the prefix: the store itself is the set
+                key_parts, value_parts = [keys[:, :start]], [values[:, :start]]
+            else:
+                gk, gv = store.global_keys[layer], store.global_values[layer]
+                key_parts = [gk[:, :old], keys[:, window_start:start]]
+                value_parts = [gv[:, :old], values[:, window_start:start]]
+            gathered_k = dequantized_set(key_parts, k, q.dtype)
+            gathered_v = dequantized_set(value_parts, v, q.dtype)
+            out = torch.empty_like(q)
+            for g in groups:
+                v0, e0 = g.visual_start - start, g.end - start
+                m = old + g.end - window_start
+                out[:, v0:e0] = attention(q[:, v0:e0], gathered_k[:, :m], gathered_v[:, :m], causal=True)
+            del gathered_k, gathered_v
+            if rows:
+                queries = torch.cat([q[:, a:b] for a, b in time_rows], 1)
+                answers = stored_attention(queries, keys, values, start, k[:, :seen], v[:, :seen], rows=rows)
+                cursor = 0
+                for a, b in time_rows:
+                    out[:, a:b] = answers[:, cursor : cursor + b - a]
+                    cursor += b - a
+            return out
+
+        return attend
+
+    def _count_block(self, groups, start: int, end: int, window_start: int, old: int, spans) -> None:
+        store = self.store
         n = end - start
         for g in groups:
             self.stats.attention_pairs += causal_pairs(g.visual_start - g.time_start, g.visual_start)
@@ -227,9 +491,10 @@ def prefill_video(
     chunked: bool,
     block_size: int,
     prev_blocks: int,
+    kv_dtype: str = "auto",
 ) -> StreamingPrefill:
     """Run prefix and all group batches (each a whole number of blocks, except the last)."""
-    prefill = StreamingPrefill(model, layout, chunked, block_size, prev_blocks)
+    prefill = StreamingPrefill(model, layout, chunked, block_size, prev_blocks, kv_dtype=kv_dtype)
     prefill.run_prefix()
     for embeds in group_batches:
         prefill.add_groups(embeds)

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import InputError
 from .memory import MixedCache, VideoMemory
+from .prefill import read_kv
 from .runner import LayerRunner, apply_rope, upload
 
 SCORE_CHUNK = 8192  # cache keys scored at a time (bounds the fp32 logits and key temporaries)
@@ -104,12 +105,14 @@ def relevance(
 def unit_relevance(
     runner: LayerRunner, cache: MixedCache, question_embeds: torch.Tensor, key_units: torch.Tensor
 ) -> torch.Tensor:
-    """`relevance` of the question over an assembled cache (its keys at the positions they carry)."""
+    """`relevance` of the question over an assembled cache (its keys at the positions they carry; an int8
+    cache is dequantized a chunk at a time)."""
+    dtype = runner.dtype
 
     def chunks(layer):
         for a in range(0, cache.length, SCORE_CHUNK):
             b = min(a + SCORE_CHUNK, cache.length)
-            yield cache.keys[layer][:, a:b], cache.values[layer][:, a:b], a
+            yield read_kv(cache.keys[layer][:, a:b], dtype), read_kv(cache.values[layer][:, a:b], dtype), a
 
     return relevance(runner, chunks, cache.next_position, question_embeds, key_units)
 
@@ -126,21 +129,24 @@ def choose_units(scores: torch.Tensor, topk: int) -> list[int]:
 def score_units(model, memory: VideoMemory, question_ids: torch.Tensor) -> torch.Tensor:
     """Relevance of every unit of `memory` to the question tokens (the text after the video), over the
     all-sparse cache at the pre-fill's positions: the memory's prefix keys and its sparse keys rotated chunk
-    by chunk as they are read, so no all-sparse cache is assembled."""
+    by chunk as they are read (an int8 memory's dequantized as they are read), so no all-sparse cache is
+    assembled."""
     runner = LayerRunner(model)
     memory.check_model(runner)
     memory.build_sparse(runner)
-    device, start = runner.device, memory.layout.video_start
+    device, start, dtype = runner.device, memory.layout.video_start, runner.dtype
     positions = memory.sparse_positions
     total = positions.numel()
 
     def chunks(layer):
-        yield memory.keys[layer][:, :start].to(device), memory.values[layer][:, :start].to(device), 0
+        prefix_k, prefix_v = memory.keys[layer][:, :start], memory.values[layer][:, :start]
+        yield read_kv(prefix_k, dtype, device), read_kv(prefix_v, dtype, device), 0
         keys, values = memory.sparse_keys[layer], memory.sparse_values[layer]
         for a in range(0, total, SCORE_CHUNK):
             b = min(a + SCORE_CHUNK, total)
             cos, sin = runner.rope_tables(positions[a:b], device)
-            yield apply_rope(keys[:, a:b], cos, sin), values[:, a:b], start + a
+            rotated = apply_rope(read_kv(keys[:, a:b], dtype), cos, sin)
+            yield rotated, read_kv(values[:, a:b], dtype), start + a
 
     embeds = model.get_input_embeddings()(upload(question_ids, device))
     return relevance(runner, chunks, memory.layout.video_end, embeds, sparse_visual_units(memory))

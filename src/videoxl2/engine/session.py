@@ -265,7 +265,12 @@ class VideoSession:
         started = time.perf_counter()
         bar = tqdm(total=self.layout.num_groups, desc="prefill", unit="group", disable=self._quiet())
         prefill = StreamingPrefill(
-            self.model, self.layout, settings.mode != "dense", settings.block_size, settings.prev_blocks
+            self.model,
+            self.layout,
+            settings.mode != "dense",
+            settings.block_size,
+            settings.prev_blocks,
+            kv_dtype=settings.kv_dtype,
         )
         prefill.run_prefix()
         embeddings = self.iter_group_embeddings(cancel)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 from ..config import ENGINE_MODES
 from ..errors import InputError
 
+KV_DTYPES = ("auto", "int8")  # the video memory: the model's compute dtype, or int8 with per-token scales
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -16,7 +18,8 @@ class EngineSettings:
     `compression`. `rerotate`: bi-level keys are re-rotated at contiguous positions (the release's way);
     off, every key keeps the position pre-fill gave it, as a model trained only on dense videos expects.
     `offload`: after pre-filling on a GPU, keep the dense KV in CPU memory and gather per question only
-    what the assembled cache needs."""
+    what the assembled cache needs. `kv_dtype`: the video memory's element type, "auto" (the model's
+    compute dtype) or "int8" (one scale per token and KV head; see `prefill.Int8Rows`)."""
 
     mode: str = "dense"
     block_size: int = 4
@@ -26,6 +29,7 @@ class EngineSettings:
     compression: int = 4
     rerotate: bool = True
     offload: bool = False
+    kv_dtype: str = "auto"
 
     def __post_init__(self):
         if self.mode not in ENGINE_MODES:
@@ -36,6 +40,10 @@ class EngineSettings:
         for name in ("prev_blocks", "topk"):
             if int(getattr(self, name)) < 0:
                 raise InputError(f"engine setting {name} must be >= 0, got {getattr(self, name)}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise InputError(
+                f"engine setting kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}"
+            )
 
     def with_overrides(self, **overrides) -> EngineSettings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -55,6 +63,7 @@ class EngineSettings:
             topk=getattr(config, "topk", 8),
             compression=getattr(config, "compression", 4),
             rerotate=bool(getattr(config, "rerotate", True)),
+            kv_dtype=getattr(config, "kv_dtype", None) or "auto",
         )
         if getattr(config, "enable_sparse", None) is not None:
             values["mode"] = "chunked" if config.enable_sparse else "dense"

@@ -8,8 +8,9 @@
 Model args: pretrained (checkpoint folder), device (default: this process's GPU, else cpu), dtype,
 quantize=int8|int4 and quantize_vision=true (weight-only, through torchao; see docs/gpu.md),
 max_frames_num / fps / max_fps (frame sampling), mode / block_size / prev_blocks / unit_size / topk /
-compression / rerotate / offload (engine). Like the release's own wrapper, generation stops at <|im_end|>
-and ignores the task's `until` strings. Questions about the same video share one pre-fill.
+compression / rerotate / offload / kv_dtype (engine; kv_dtype=int8: the int8 video memory). Like the
+release's own wrapper, generation stops at <|im_end|> and ignores the task's `until` strings. Questions
+about the same video share one pre-fill.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class VideoXL2(lmms):
         compression: int | None = None,
         rerotate: bool | str | None = None,
         offload: bool = False,
+        kv_dtype: str | None = None,
         batch_size: int | str = 1,
         **unused,
     ):
@@ -105,6 +107,7 @@ class VideoXL2(lmms):
             compression=compression,
             rerotate=None if rerotate is None else _flag("rerotate", rerotate),
             offload=offload or None,
+            kv_dtype=kv_dtype,
         )
         self.sampling = dict(
             max_num_frames=int(max_frames_num),

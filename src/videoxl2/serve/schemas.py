@@ -65,9 +65,11 @@ class ChatRequest(BaseModel):
     topk: int | None = Field(default=None, ge=0)
     compression: int | None = Field(default=None, ge=1)
     rerotate: bool | None = None
+    kv_dtype: Literal["auto", "int8"] | None = None
 
     def engine(self) -> dict:
         names = ("mode", "block_size", "prev_blocks", "unit_size", "topk", "compression", "rerotate")
+        names += ("kv_dtype",)
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def generation(self) -> dict:
