@@ -166,6 +166,11 @@ def test_bad_quantize_value_is_a_one_line_error(checkpoint, synthetic_video, cap
     assert err.startswith("videoxl2: error: --quantize must be one of none, int8, int4, got 'fp4'")
 
 
+def test_int4_on_cuda_needs_bf16_before_reading_weights(checkpoint):
+    with pytest.raises(InputError, match="int4 on CUDA needs --dtype bfloat16"):
+        load_model(checkpoint, device="cuda", dtype=torch.float32, quantize="int4")
+
+
 def test_missing_torchao_is_a_one_line_error(checkpoint, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
     with pytest.raises(

@@ -239,7 +239,13 @@ def load_model(
     never holds the full-precision weights.
     Raises `CheckpointError` naming what is wrong, and `ConfigError` naming a release config.json key whose
     value the code does not implement (`videoxl2.config.RELEASE_IMPLEMENTED`)."""
-    from .quantize import check_quantize, import_torchao, quantize_model, release_float_copies
+    from .quantize import (
+        check_quantize,
+        check_supported,
+        import_torchao,
+        quantize_model,
+        release_float_copies,
+    )
     from .videoxl2 import VideoXL2ForCausalLM
 
     quantize = check_quantize(quantize)  # a bad value or a missing torchao fails before any weight is read
@@ -258,6 +264,8 @@ def load_model(
         dtype = torch.float32 if device is None or device.type == "cpu" else torch.bfloat16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if quantize is not None:
+        check_supported(quantize, device, dtype)
     # The release's unused text_mlp is renamed out of the language model's way, then ignored.
     key_mapping = {p: (t if t is not None else "text_mlp.") for p, t in RELEASE_RENAMES} if release else None
     load_on = torch.device("cpu") if quantize is not None else device  # quantized on the way to `device`

@@ -128,6 +128,18 @@ def _has_mslk() -> bool:
     return True
 
 
+def check_supported(quantize: str | None, device: torch.device, dtype: torch.dtype) -> None:
+    """A one-line `InputError` for what torchao's kernels do not run, before any weight is read."""
+    if quantize != "int4" or device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise InputError(f"--quantize int4 runs on cpu or cuda, not {device.type}")
+    if dtype != torch.bfloat16:
+        raise InputError(
+            f"--quantize int4 on CUDA needs --dtype bfloat16 (torchao's int4 kernels), got {dtype}"
+        )
+
+
 def torchao_config(quantize: str, device: torch.device, dtype: torch.dtype):
     """The torchao config for `quantize` on `device` (see the module docstring)."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
@@ -138,12 +150,7 @@ def torchao_config(quantize: str, device: torch.device, dtype: torch.dtype):
         from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
         return PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False)
-    if device.type != "cuda":
-        raise InputError(f"--quantize int4 runs on cpu or cuda, not {device.type}")
-    if dtype != torch.bfloat16:
-        raise InputError(
-            f"--quantize int4 on CUDA needs --dtype bfloat16 (torchao's int4 kernels), got {dtype}"
-        )
+    check_supported(quantize, device, dtype)
     packing = "plain" if _has_mslk() else "tile_packed_to_4d"
     return Int4WeightOnlyConfig(
         group_size=INT4_GROUP_SIZE, int4_packing_format=packing, set_inductor_config=False
