@@ -36,3 +36,21 @@ def test_over_budget_fails_before_decoding(tiny, tmp_path, monkeypatch):
         memory_budget=budget,
     )  # fmt: skip
     assert fits.memory_estimate.total <= budget
+
+
+def test_an_int8_session_is_checked_at_its_own_size(tiny, tmp_path):
+    """The check before decoding prices an int8 video memory as int8, to the byte of what it then holds."""
+    from videoxl2.engine.settings import EngineSettings
+
+    model, tokenizer = tiny
+    video = write_synthetic_video(tmp_path / "v.mp4", num_frames=32, fps=4.0)
+    sessions = {}
+    for kv in ("auto", "int8"):
+        settings = EngineSettings.from_config(model.config, mode="chunked", kv_dtype=kv)
+        sessions[kv] = VideoSession.from_path(
+            model, tokenizer, video, 32, 4.0, settings=settings, progress=False
+        )
+    small, full = sessions["int8"].memory_estimate, sessions["auto"].memory_estimate
+    assert small.video_kv < 0.5 * full.video_kv
+    memory = sessions["int8"].prefill()
+    assert small.video_kv == memory.dense_bytes(), (small.video_kv, memory.dense_bytes())

@@ -651,7 +651,8 @@ def check_fits(
     not fit `budget_bytes` (default: what `device` has free, less `headroom`); return the estimate.
     The model's weights are taken as already loaded unless `include_weights`."""
     counts = TokenCounts.from_layout(layout, frames)
-    found = estimate(config, counts, settings, dtype, frames_per_batch, include_weights)
+    options = {"kv_dtype": "int8"} if getattr(settings, "kv_dtype", "auto") == "int8" else {}
+    found = estimate(config, counts, settings, dtype, frames_per_batch, include_weights, **options)
     if budget_bytes is None:
         free = available_bytes(device)
         if free is None:
@@ -663,8 +664,9 @@ def check_fits(
     if found.total <= budget_bytes:
         return found
     fit = frames_that_fit(
-        config, settings, dtype, budget_bytes, frames_per_batch, counts, include_weights, counts.frames
-    )
+        config, settings, dtype, budget_bytes, frames_per_batch, counts, include_weights, counts.frames,
+        **options,
+    )  # fmt: skip
     advice = f"at most {fit:,} frames fit: lower max_num_frames" if fit else "not even 4 frames fit"
     raise MemoryBudgetError(
         f"{counts.frames:,} frames ({counts.video_end:,} tokens, {settings.mode}, {found.dtype}) need "
