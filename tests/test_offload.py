@@ -92,3 +92,35 @@ def test_layers_on_several_devices_are_refused_in_one_line(tiny):
     )
     with pytest.raises(InputError, match=r"several devices \(cpu, cuda:1\)"):
         LayerRunner(model)
+
+
+def test_load_model_and_chat_take_a_device_map(tiny_checkpoint, synthetic_video, tmp_path, capsys):
+    """`load_model(device_map=...)` and `videoxl2 chat --device-map FILE` dispatch the checkpoint (layer 1 on
+    disk under --offload-folder) and answer exactly as the model loaded in memory."""
+    import json
+
+    from videoxl2 import load_model
+    from videoxl2.cli import main
+
+    model = load_model(tiny_checkpoint)
+    device_map = mixed_map(model)
+    offloaded = load_model(tiny_checkpoint, device_map=device_map, offload_folder=tmp_path / "weights")
+    assert offloaded.language_model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    assert any((tmp_path / "weights").iterdir())
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(device_map))
+    answers = []
+    for extra in ([], ["--device-map", str(map_file), "--offload-folder", str(tmp_path / "cli")]):
+        argv = ["chat", str(synthetic_video), "What is shown?", "--model", str(tiny_checkpoint), "--json"]
+        code = main([*argv, "--max-new-tokens", "5", "--mode", "bilevel", *extra])
+        assert code == 0
+        answers.append(json.loads(capsys.readouterr().out)["answer"])
+    assert answers[0] == answers[1]
+
+
+def test_device_map_with_quantize_is_refused(tiny_checkpoint):
+    from videoxl2 import load_model
+    from videoxl2.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="quantize and device_map together"):
+        load_model(tiny_checkpoint, quantize="int8", device_map="auto")

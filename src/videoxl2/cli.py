@@ -24,6 +24,22 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16"
     )
     _add_quantize_args(parser)
+    _add_placement_args(parser)
+
+
+def _add_placement_args(parser: argparse.ArgumentParser) -> None:
+    """--device-map / --offload-folder: weights spread by accelerate (`modeling/offload.py`)."""
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        help="spread the weights with accelerate instead of --device: auto, balanced, sequential, or a JSON "
+        'object / file {module: "cuda:0" | "cpu" | "disk"} (layers must compute on one GPU)',
+    )
+    parser.add_argument(
+        "--offload-folder",
+        default=None,
+        help='where "disk" entries of --device-map go (default: a temp folder)',
+    )
 
 
 def _add_quantize_args(parser: argparse.ArgumentParser) -> None:
@@ -41,9 +57,15 @@ def _add_quantize_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _quantize_kwargs(args) -> dict:
-    """load_model's quantize= and quantize_vision= from the parsed flags."""
+    """load_model's quantize=, quantize_vision=, device_map= and offload_folder= from the parsed flags."""
+    from .modeling.offload import parse_device_map
+
+    device_map = getattr(args, "device_map", None)
     return dict(
-        quantize=getattr(args, "quantize", None), quantize_vision=getattr(args, "quantize_vision", False)
+        quantize=getattr(args, "quantize", None),
+        quantize_vision=getattr(args, "quantize_vision", False),
+        device_map=None if device_map is None else parse_device_map(device_map),
+        offload_folder=getattr(args, "offload_folder", None),
     )
 
 

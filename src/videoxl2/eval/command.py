@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import _add_engine_args, _add_quantize_args
+    from ..cli import _add_engine_args, _add_placement_args, _add_quantize_args
     from .benchmarks import BENCHMARKS, PROTOCOLS
     from .runner import DEFAULT_MODEL
     from .videomme import DURATIONS
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16"
     )
     _add_quantize_args(parser)
+    _add_placement_args(parser)
     _add_engine_args(parser)
     parser.add_argument(
         "--max-frames", type=int, default=None, help=f"frame budget; default the release's: {names}"
@@ -63,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..cli import _engine_overrides
+    from ..cli import _engine_overrides, _quantize_kwargs
     from .benchmarks import Options
     from .runner import EvalSettings, run_eval
 
@@ -80,8 +81,7 @@ def run(args) -> int:
         engine={k: v for k, v in _engine_overrides(args).items() if v is not None},
         device=args.device,
         dtype=args.dtype,
-        quantize=args.quantize,
-        quantize_vision=args.quantize_vision,
+        **_quantize_kwargs(args),
         limit=args.limit,
         resume=args.resume,
         overwrite=args.overwrite,

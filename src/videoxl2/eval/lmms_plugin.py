@@ -7,6 +7,7 @@
 
 Model args: pretrained (checkpoint folder), device (default: this process's GPU, else cpu), dtype,
 quantize=int8|int4 and quantize_vision=true (weight-only, through torchao; see docs/gpu.md),
+device_map=auto|sequential|<JSON file> and offload_folder (weights spread or offloaded by accelerate),
 max_frames_num / fps / max_fps (frame sampling), mode / block_size / prev_blocks / unit_size / topk /
 compression / rerotate / offload / kv_dtype (engine; kv_dtype=int8: the int8 video memory). Like the
 release's own wrapper, generation stops at <|im_end|> and ignores the task's `until` strings. Questions
@@ -58,6 +59,8 @@ class VideoXL2(lmms):
         dtype: str | None = None,
         quantize: str | None = None,
         quantize_vision: bool | str = False,
+        device_map: str | None = None,
+        offload_folder: str | None = None,
         max_frames_num: int = 512,
         fps: float | None = 1.0,
         max_fps: float | None = 4.0,
@@ -76,6 +79,7 @@ class VideoXL2(lmms):
         super().__init__()
         from .. import load_model, load_tokenizer
         from ..engine.settings import EngineSettings
+        from ..modeling.offload import parse_device_map
 
         if unused:
             logger.warning(f"videoxl2: ignoring model args {sorted(unused)}")
@@ -95,7 +99,11 @@ class VideoXL2(lmms):
             dtype=dtype,
             quantize=quantize,
             quantize_vision=_flag("quantize_vision", quantize_vision),
+            device_map=None if device_map is None else parse_device_map(device_map),
+            offload_folder=offload_folder,
         )
+        if device_map is not None:  # where the embeddings (and so the engine's KV) are
+            self._device = self.model.get_input_embeddings().weight.device
         self.tokenizer = load_tokenizer(pretrained)
         self.settings = EngineSettings.from_config(
             self.model.config,

@@ -57,6 +57,8 @@ class EvalSettings:
     dtype: str | None = None
     quantize: str | None = None  # weight-only "int8" / "int4" (torchao); None: full precision
     quantize_vision: bool = False
+    device_map: str | dict | None = None  # weights spread by accelerate (`--device-map`); answers unchanged
+    offload_folder: str | None = None
     limit: int | None = None
     resume: bool = False
     overwrite: bool = False
@@ -268,12 +270,16 @@ def answer_all(pending, bench, options, settings, config, world, path: Path) -> 
     device = settings.device
     if world.size > 1 and device.startswith("cuda") and ":" not in device:
         device = f"cuda:{world.local_rank}"
+    if world.size > 1 and settings.device_map is not None:
+        raise InputError("--device-map spreads one model: run it in one process, not data-parallel")
     model = load_model(
         settings.model,
         device=device,
         dtype=settings.dtype,
         quantize=config.get("quantize"),
         quantize_vision=config.get("quantize_vision", False),
+        device_map=settings.device_map,
+        offload_folder=settings.offload_folder,
     )
     tokenizer = load_tokenizer(settings.model)
     engine = EngineSettings(**config["engine"])

@@ -228,6 +228,8 @@ def load_model(
     local_files_only: bool | None = None,
     quantize: str | None = None,
     quantize_vision: bool = False,
+    device_map=None,
+    offload_folder=None,
 ):
     """Load a Video-XL-2 checkpoint (release or ours) onto `device` in `dtype` (default: float32 on CPU,
     bfloat16 elsewhere): a folder, or a hub id such as "BAAI/Video-XL-2" resolved through the Hugging Face
@@ -237,6 +239,10 @@ def load_model(
     through torchao (`modeling/quantize.py`; `quantize_vision` the SigLIP tower's too): the model is read
     into host memory, each linear is quantized on its way to `device`, then the rest follows, so the device
     never holds the full-precision weights.
+    `device_map` ("auto", "balanced", "sequential", or {module: "cuda:0" | "cpu" | "disk"}; see
+    `modeling/offload.py`) spreads the weights with accelerate instead of placing them on `device`: the
+    model is read into host memory, then dispatched; "disk" entries go to `offload_folder` (default a
+    temporary folder). The engine runs such a model when its layers compute on one device.
     Raises `CheckpointError` naming what is wrong, and `ConfigError` naming a release config.json key whose
     value the code does not implement (`videoxl2.config.RELEASE_IMPLEMENTED`)."""
     from .quantize import (
@@ -249,6 +255,10 @@ def load_model(
     from .videoxl2 import VideoXL2ForCausalLM
 
     quantize = check_quantize(quantize)  # a bad value or a missing torchao fails before any weight is read
+    if device_map is not None:
+        if quantize is not None:
+            raise CheckpointError("quantize and device_map together are not supported: choose one")
+        device = "cpu"  # read into host memory, then dispatched
     if quantize is not None:
         if device is None:
             raise CheckpointError("quantize needs a device to load onto (device=None: the caller places)")
@@ -261,7 +271,10 @@ def load_model(
     check_weights(path, config, release, files)
     device = None if device is None else torch.device(device)
     if dtype is None:
-        dtype = torch.float32 if device is None or device.type == "cpu" else torch.bfloat16
+        on_cpu = device is None or device.type == "cpu"
+        if device_map is not None:
+            on_cpu = not _maps_to_gpu(device_map)
+        dtype = torch.float32 if on_cpu else torch.bfloat16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if quantize is not None:
@@ -281,4 +294,15 @@ def load_model(
         quantize_model(model, quantize, device=device, vision=quantize_vision)
         model.to(device)
         release_float_copies(model)
+    if device_map is not None:
+        from .offload import dispatch
+
+        model = dispatch(model, device_map, offload_folder)
     return model.eval()
+
+
+def _maps_to_gpu(device_map) -> bool:
+    """Whether a device map puts weights on an accelerator ("auto" and friends do when one is present)."""
+    if isinstance(device_map, str):
+        return torch.cuda.is_available()
+    return any(str(d) not in ("cpu", "disk", "meta") for d in device_map.values())
