@@ -94,8 +94,13 @@ def _add_reader_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_memory_args(parser: argparse.ArgumentParser) -> None:
-    """The chunked / bi-level knobs (default: the checkpoint's own), for every command running the engine."""
+def _add_memory_args(
+    parser: argparse.ArgumentParser,
+    kv_dtypes=("auto", "int8"),
+    kv_help="video memory: auto (the model's dtype) or int8, a scale per token and KV head (half of bf16)",
+) -> None:
+    """The chunked / bi-level knobs (default: the checkpoint's own), for every command running the engine;
+    `videoxl2 plan` passes its own `--kv-dtype` choices (float dtypes too)."""
     parser.add_argument("--block-size", type=int, default=None, help="groups per pre-fill block (chunked)")
     parser.add_argument("--prev-blocks", type=int, default=None, help="earlier blocks a block sees (chunked)")
     parser.add_argument("--unit-size", type=int, default=None, help="groups per selection unit (bilevel)")
@@ -107,16 +112,7 @@ def _add_memory_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="bilevel: keys at contiguous positions (the release's way) or, with --no-rerotate, at their own",
     )
-    parser.add_argument(
-        "--kv-dtype",
-        choices=["auto", "int8"],
-        default=None,
-        help="video memory: auto (the model's dtype) or int8, a scale per token and KV head (half of bf16)",
-    )
-    # `videoxl2 plan` adds its own --kv-dtype (float dtypes too) after this one: let the later one replace it
-    # (argparse checks conflicts in the group an option is added to, the parser's optionals here).
-    for container in (parser, parser._optionals):
-        container.conflict_handler = "resolve"
+    parser.add_argument("--kv-dtype", choices=list(kv_dtypes), default=None, help=kv_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,6 +279,7 @@ def plugin_commands() -> dict:
             raise
         found.update(module.COMMANDS)
     found.update(importlib.import_module("videoxl2.engine.plan").COMMANDS)  # `videoxl2 plan`
+    found.update(importlib.import_module("videoxl2.engine.watch").COMMANDS)  # `videoxl2 watch`
     return found
 
 

@@ -241,14 +241,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode", choices=["dense", "chunked", "bilevel"], default=None, help="default: the checkpoint's"
     )
-    _add_memory_args(parser)
+    _add_memory_args(parser, budget.KV_DTYPES, "video memory (default: --dtype)")
     parser.add_argument("--offload", action="store_true", help="dense video KV kept in CPU memory")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16)")
     parser.add_argument(
         "--quantize", choices=budget.WEIGHT_QUANTIZATIONS, default="none", help="LLM linear weights"
-    )
-    parser.add_argument(
-        "--kv-dtype", choices=budget.KV_DTYPES, default=None, help="video memory (default: --dtype)"
     )
     parser.add_argument(
         "--gpu-memory",
