@@ -3,7 +3,7 @@ stores) against a scale per channel and KV head over blocks of 64 tokens (KIVI's
 values and q.k logits (queries: 64 of the layer's own keys), over the chunked pre-fill of the first videos of
 a held-out set (`videoxl2 make-data ... --split test`). fp32 scales, to compare the two axes alone.
 
-    PYTHONPATH=src python benchmarks/results/kv-int8/key_scales.py work/heldout --videos 6
+    python benchmarks/kv_int8_scales.py work/heldout --videos 6
 """
 
 from __future__ import annotations

@@ -14,15 +14,13 @@ Bytes: the dense video KV (`VideoMemory.dense_bytes`), the sparse KV once built,
 (`MixedCache.nbytes`, the `kv_bytes` stat). RSS: VmHWM during pre-fill, reset (with malloc_trim) after the
 model and inputs were made, less the RSS then (`prefill_rise`).
 
-    PYTHONPATH=src python benchmarks/results/kv-int8/measure.py --case demo --frames 1024 4096
-    PYTHONPATH=src python benchmarks/results/kv-int8/measure.py --case small --frames 1024
+    python benchmarks/kv_int8.py --case demo --frames 1024 4096
+    python benchmarks/kv_int8.py --case small --frames 1024
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -34,28 +32,11 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from engine import SHAPES, proc_status, settle_memory  # benchmarks/engine.py
 
 QUESTION = "What was the first shape shown in the video?"  # V-NIAH's
-SMALL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-             intermediate_size=1408)  # fmt: skip
+SMALL = SHAPES["small"]
 FORCED_TOKENS = 32
-
-
-def proc_status(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def settle() -> int:
-    """Collect, hand free heap back, reset VmHWM; returns VmRSS."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    return proc_status("VmRSS")
 
 
 def forced_decode(runner, model, cache) -> float:
@@ -83,7 +64,7 @@ def run_demo(case: dict) -> dict:
     session = VideoSession.from_path(
         model, tokenizer, case["video"], max_num_frames=case["frames"], settings=settings, progress=False
     )
-    out = dict(case, rss_before=settle())
+    out = dict(case, rss_before=settle_memory())
     begin = time.perf_counter()
     memory = session.prefill()
     out.update(prefill_wall_s=time.perf_counter() - begin, peak_rss_prefill=proc_status("VmHWM"))
@@ -132,7 +113,7 @@ def run_small(case: dict) -> dict:
         for start in range(0, groups, 16):
             yield torch.randn(min(16, groups - start), 144, SMALL["hidden_size"], generator=generator)
 
-    out = dict(case, video_tokens=layout.video_end, rss_before=settle())
+    out = dict(case, video_tokens=layout.video_end, rss_before=settle_memory())
     begin = time.perf_counter()
     run = prefill_video(model, layout, batches(), True, 4, 3, kv_dtype=case["kv_dtype"])
     out.update(prefill_s=time.perf_counter() - begin, peak_rss_prefill=proc_status("VmHWM"))
@@ -184,7 +165,7 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--modes", default="dense,chunked,bilevel")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kv-int8")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
