@@ -21,12 +21,19 @@ An int8 memory (`kv_dtype="int8"` pre-fill) holds `Int8Rows` everywhere: the den
 quantized; time-token values copied as they are) and an assembled cache (rows copied as int8; keys that must
 turn are dequantized, rotated and quantized again, `ROPE_CHUNK` at a time). Such a memory works with a model
 computing in any floating dtype: attention dequantizes into it.
+
+A saved memory says where it came from (header fields beside the caller's `extra`): the model's identity
+(`model_identity`: the architecture fields that shape the KV and a fingerprint of the weights), the engine
+settings it was pre-filled with, the compute dtype, and, when a session wrote it, the frame times and the
+source's name. `VideoSession.from_memory` reads them to refuse a memory from another model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +48,7 @@ from ..prompt import GroupSpan, TokenLayout
 from .prefill import SPARE_TOKENS, Int8Rows, KVStore, empty_kv, kv_nbytes, read_kv
 from .runner import ROPE_CHUNK, LayerRunner, apply_rope, upload
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # identity fields were added without a new version: older readers ignore them
 SPARSE_CHUNK_GROUPS = 64  # groups turned into sparse KV at a time (bounds the fp32 temporaries)
 
 
@@ -398,9 +405,24 @@ class VideoMemory:
         return MixedCache(keys, values, cursor, next_position, slices, sorted(dense))
 
     # -- persistence ----------------------------------------------------------------------------------------
-    def save(self, path, metadata: dict | None = None) -> Path:
+    def save(
+        self,
+        path,
+        metadata: dict | None = None,
+        *,
+        model=None,
+        settings=None,
+        timestamps=None,
+        source: str | None = None,
+    ) -> Path:
         """Write to one safetensors file (atomically: a temp file renamed into place). The sparse KV is
-        written only if it was built."""
+        written only if it was built.
+
+        `metadata` is the caller's own (returned by `load`). The rest goes into the header's own fields so
+        that the file can be reopened without the video: `model` (the model that pre-filled it: its
+        `model_identity` and compute dtype), `settings` (the `EngineSettings` it was pre-filled with; those
+        the memory itself fixes must agree with it), `timestamps` (frame times) and `source` (a name for
+        the video). `VideoSession.save_memory` passes them all."""
         path = Path(path)
         tensors = {"input_ids": self.layout.input_ids.contiguous()}
         kinds = {"keys": self.keys, "values": self.values}
@@ -426,6 +448,7 @@ class VideoMemory:
         )
         if self.int8:
             header["kv_dtype"] = "int8"
+        header.update(self._origin(model, settings, timestamps, source))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
@@ -436,6 +459,33 @@ class VideoMemory:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+    def _origin(self, model, settings, timestamps, source) -> dict:
+        """The header fields saying where this memory came from (see `save`)."""
+        origin = {}
+        if model is not None:
+            self.check_model(LayerRunner(model))
+            origin["model"] = model_identity(model)
+            origin["compute_dtype"] = dtype_name(model.get_input_embeddings().weight.dtype)
+        elif not self.int8:
+            origin["compute_dtype"] = dtype_name(self.dtype)
+        if settings is not None:
+            record = engine_record(settings)
+            held = dict(unit_size=self.unit_size, compression=self.compression, kv_dtype=self.kv_dtype)
+            wrong = [f"{k} {record[k]!r} (the memory: {v!r})" for k, v in held.items() if record[k] != v]
+            if wrong:
+                raise ConfigError(f"the settings do not describe this memory: {', '.join(wrong)}")
+            origin["engine"] = record
+        if timestamps is not None:
+            origin["timestamps"] = [float(t) for t in timestamps]
+        if source is not None:
+            origin["source"] = str(source)
+        return origin
+
+    @property
+    def kv_dtype(self) -> str:
+        """The `EngineSettings.kv_dtype` that made this memory."""
+        return "int8" if self.int8 else "auto"
 
     @classmethod
     def load(cls, path, device="cpu", dtype: torch.dtype | None = None) -> tuple[VideoMemory, dict]:
@@ -545,3 +595,158 @@ def pool(x: torch.Tensor, step: int) -> torch.Tensor:
     since T is a multiple of `step`)."""
     heads, n, dim = x.shape
     return x.view(heads, n // step, step, dim).float().mean(2).to(x.dtype)
+
+
+# -- where a memory came from ------------------------------------------------------------------------------
+ENGINE_FIELDS = tuple("mode block_size prev_blocks unit_size compression kv_dtype rerotate topk".split())
+FINGERPRINT_SAMPLES = 64  # elements read from each weight tensor for the fingerprint
+HEADER_LIMIT = 1 << 27  # a safetensors header longer than this is not one of ours
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def engine_record(settings) -> dict:
+    """The `EngineSettings` fields a memory records (`offload` is where it is kept, not how it was made)."""
+    return {name: getattr(settings, name) for name in ENGINE_FIELDS}
+
+
+def model_architecture(model) -> dict:
+    """The configuration fields that decide the shape and meaning of a memory's KV (JSON values)."""
+    config, text = model.config, model.config.text_config
+    heads = text.num_attention_heads
+    rope = getattr(text, "rope_parameters", None) or {"rope_theta": getattr(text, "rope_theta", None)}
+    values = dict(
+        layers=text.num_hidden_layers,
+        heads=heads,
+        kv_heads=text.num_key_value_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        vocab=text.vocab_size,
+        rope=dict(rope),
+        tokens_per_group=config.tokens_per_group,
+        frames_per_group=config.frames_per_group,
+        video_token_id=config.video_token_id,
+        image_size=config.vision_config.image_size,
+        vision_grid=config.vision_grid,
+    )
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def model_identity(model) -> dict:
+    """What a memory records of the model that made it: `architecture` (`model_architecture`), `weights`
+    (`weights_fingerprint`) and `quantize` (the weight quantization, None for float weights)."""
+    report = getattr(model, "quantization", None)
+    return dict(
+        architecture=model_architecture(model),
+        weights=weights_fingerprint(model),
+        quantize=getattr(report, "quantize", None),
+    )
+
+
+def identity_mismatch(recorded: dict, model) -> str | None:
+    """How the model in `recorded` (a memory's `model` field) differs from `model`; None if it does not."""
+    here = model_identity(model)
+    theirs, ours = recorded.get("architecture") or {}, here["architecture"]
+    fields = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if fields:
+        return "architecture differs: " + ", ".join(
+            f"{k} {theirs.get(k)!r} vs this model's {ours.get(k)!r}" for k in fields
+        )
+    if recorded.get("quantize") != here["quantize"]:
+        return f"weights quantized {recorded.get('quantize')} vs this model's {here['quantize']}"
+    if recorded.get("weights") != here["weights"]:
+        return f"weights fingerprint {recorded.get('weights')} vs this model's {here['weights']}"
+    return None
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of the model's weights, cheap on a 7B: every weight tensor's name and shape, and
+    `FINGERPRINT_SAMPLES` of its elements at evenly spaced flat indices (a few hundred thousand elements in
+    all, gathered on the weights' device and copied to the host once per device).
+
+    Elements are rounded to bfloat16 first, so one checkpoint loaded in float32 or bfloat16 has one
+    fingerprint (its memories differ only by the compute dtype, which the memory records apart). A
+    quantized weight (a torchao tensor subclass) is hashed through its inner tensors (codes, scales).
+    Weights offloaded by accelerate are read from the hook's weights map."""
+    digest = hashlib.sha256()
+    samples: list[torch.Tensor] = []
+    for name, tensor in _named_weights(model):
+        for part, t in _stored_parts(name, tensor):
+            kind = "float" if t.dtype.is_floating_point else dtype_name(t.dtype)
+            digest.update(f"{part}:{tuple(t.shape)}:{kind};".encode())
+            n = t.numel()
+            if n == 0 or t.device.type == "meta":
+                continue
+            flat = torch.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES), dtype=torch.float64).round().long()
+            index = torch.unravel_index(flat, tuple(t.shape)) if t.dim() else ()
+            picked = t.detach()[tuple(i.to(t.device) for i in index)] if t.dim() else t.detach().reshape(1)
+            samples.append(picked.reshape(-1).to(torch.bfloat16))
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_device.setdefault(s.device, []).append(i)
+    host: list[torch.Tensor | None] = [None] * len(samples)
+    for indices in by_device.values():
+        joined = torch.cat([samples[i] for i in indices]).cpu()
+        for i, part in zip(indices, joined.split([samples[i].numel() for i in indices])):
+            host[i] = part
+    if host:
+        digest.update(torch.cat(host).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _named_weights(model):
+    """(name, tensor) of every parameter once (tied ones once); an accelerate-offloaded parameter (on the
+    meta device) is read from its hook's weights map."""
+    seen = set()
+    for module_name, module in model.named_modules():
+        hooks = [getattr(module, "_hf_hook", None)]
+        hooks += list(getattr(hooks[0], "hooks", ()) or ())
+        maps = [m for h in hooks if (m := getattr(h, "weights_map", None)) is not None]
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if param.device.type == "meta":
+                for weights in maps:
+                    try:
+                        param = weights[name]
+                        break
+                    except KeyError:
+                        continue
+            yield (f"{module_name}.{name}" if module_name else name), param
+
+
+def _stored_parts(name: str, tensor: torch.Tensor):
+    """The plain tensors a weight is stored as: itself, or a tensor subclass's inner tensors."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        yield name, tensor
+        return
+    inner, _ = tensor.__tensor_flatten__()
+    for part in inner:
+        value = getattr(tensor, part, None)
+        if isinstance(value, torch.Tensor):
+            yield from _stored_parts(f"{name}[{type(tensor).__name__}].{part}", value)
+
+
+def memory_header(path) -> dict | None:
+    """The videoxl2 header of a memory file, read without its tensors; None for any other file (a video,
+    another safetensors file). Cheap enough to decide what a path is."""
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return None
+            (size,) = struct.unpack("<Q", prefix)
+            if not 2 <= size <= HEADER_LIMIT:
+                return None
+            raw = handle.read(size)
+        if len(raw) < size or raw[:1] != b"{":
+            return None
+        text = json.loads(raw).get("__metadata__", {}).get("videoxl2")
+        header = json.loads(text) if isinstance(text, str) else None
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return header if isinstance(header, dict) else None

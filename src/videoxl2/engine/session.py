@@ -4,6 +4,10 @@ The video streams through the pipeline batch by batch (decode -> SigLIP -> DTS -
 frames and visual features exist only for the batch in flight; what grows with the video is the KV store.
 The prefix and video never depend on the question (attention is causal), so each question only runs its
 own suffix on top of the stored KV.
+
+A session can also start from a memory already made (`from_video_memory`, or a file: `from_memory`): it
+answers like the session that pre-filled it, without the video. Such a session knows its groups' times, and
+its frames' only when the memory recorded them (`save_memory` does).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from ..video import (
 )
 from ..video.decode import ReadStats
 from ..video.pipeline import Prefetcher
-from .budget import check_fits
+from .budget import TokenCounts, check_fits, estimate
 from .decode import answer_from_cache
-from .memory import VideoMemory
+from .memory import VideoMemory, dtype_name, identity_mismatch, memory_header
 from .prefill import StreamingPrefill
+from .runner import LayerRunner
 from .select import choose_units, score_units
 from .settings import EngineSettings
 
@@ -205,6 +210,135 @@ class VideoSession:
         batches = lambda size: (frames[i : i + size] for i in range(0, len(frames), size))  # noqa: E731
         return cls(model, tokenizer, batches, timestamps, **kwargs)
 
+    @classmethod
+    def from_video_memory(
+        cls,
+        model,
+        tokenizer,
+        memory: VideoMemory,
+        settings: EngineSettings | None = None,
+        source: str = "<memory>",
+        stats: dict | None = None,
+        timestamps: Sequence[float] | None = None,
+    ) -> VideoSession:
+        """A session answering from `memory` (already pre-filled, e.g. by a live session or read from a
+        file); nothing is decoded or pre-filled again. `settings` (default: the checkpoint's, with the
+        memory's unit_size, compression and kv_dtype) must agree with what the memory fixes; `stats` seed
+        the answers' stats; `timestamps` are the frame times if known (else `timestamps` is None and
+        `group_seconds` holds the groups' times, which the memory always knows)."""
+        config = model.config
+        layout = memory.layout
+        held = dict(unit_size=memory.unit_size, compression=memory.compression, kv_dtype=memory.kv_dtype)
+        if settings is None:
+            settings = EngineSettings.from_config(config).with_overrides(**held)
+        wrong = [
+            f"{k} {getattr(settings, k)!r} (the memory: {v!r})"
+            for k, v in held.items()
+            if getattr(settings, k) != v
+        ]
+        if wrong:
+            raise InputError(f"{source}: settings the memory cannot honour: {', '.join(wrong)}")
+        _check_geometry(memory, config, source)
+        session = cls.__new__(cls)
+        session.model, session.tokenizer, session.settings = model, tokenizer, settings
+        session.source, session.progress, session._frame_batches = source, False, None
+        session.timestamps = None if timestamps is None else [float(t) for t in timestamps]
+        session.group_seconds = [g.seconds for g in layout.groups]
+        session.layout = layout
+        session.read_stats = None
+        session._clock = StageClock(torch.device("cpu"))
+        session.runner = LayerRunner(model)
+        memory.check_model(session.runner)
+        if settings.offload and session.device.type != "cpu":
+            memory.to("cpu")
+        session.memory = memory
+        frames = len(session.timestamps) if session.timestamps is not None else None
+        options = {"kv_dtype": "int8"} if memory.int8 else {}
+        session.memory_estimate = estimate(
+            config,
+            TokenCounts.from_layout(layout, frames),
+            settings,
+            session.dtype,
+            session.frames_per_batch(),
+            include_weights=False,
+            **options,
+        )
+        session.stats = dict(
+            frames=frames,
+            groups=layout.num_groups,
+            video_tokens=layout.video_end,
+            dense_kv_bytes=memory.dense_bytes(),
+            sparse_kv_bytes=memory.sparse_size_bytes(),
+        )
+        session.stats.update(stats or {})
+        return session
+
+    @classmethod
+    def from_memory(
+        cls, model, tokenizer, path, settings: EngineSettings | dict | None = None
+    ) -> VideoSession:
+        """Reopen a memory file (`save_memory`, `VideoMemory.save`) and answer from it without the video.
+
+        A memory that records another model (architecture, weights fingerprint or weight quantization) is
+        refused in one line (`InputError`). `settings` (default: those the memory records) may change what is
+        decided per question — on a chunked memory the mode (chunked or dense: the full KV; bilevel), and
+        `topk`, `rerotate`, `offload` — as an `EngineSettings` or a dict of the fields to change; pre-fill
+        settings other than the memory's are refused. A float memory made in another compute dtype than the
+        model's is converted (answers then differ by that rounding); an int8 memory serves any dtype.
+
+        A file written without a record of its origin (before memories recorded one) is taken to come from
+        this model, pre-filled with `settings` (default: the checkpoint's) and the file's own unit_size,
+        compression and kv_dtype; `stats["memory_origin"]` says "unrecorded" then."""
+        path = Path(path)
+        if not path.is_file():
+            raise MediaNotFoundError(f"{path}: no such memory file")
+        header = memory_header(path)
+        if header is None:
+            raise InputError(f"{path}: not a videoxl2 memory file")
+        recorded = header.get("model")
+        if recorded is not None:
+            why = identity_mismatch(recorded, model)
+            if why is not None:
+                raise InputError(
+                    f"{path}: made by another model ({why}): reopen it with the model that wrote it"
+                )
+        settings = reopen_settings(path, header, model, settings)
+        device = "cpu" if settings.offload else model.get_input_embeddings().weight.device
+        dtype = model.get_input_embeddings().weight.dtype
+        start = time.perf_counter()
+        memory, _ = VideoMemory.load(path, device=device, dtype=None if header.get("kv_dtype") else dtype)
+        stats = dict(
+            memory_file=str(path),
+            memory_load_s=time.perf_counter() - start,
+            memory_origin="recorded" if recorded is not None else "unrecorded",
+        )
+        made_in = header.get("compute_dtype")
+        if made_in is not None and made_in != dtype_name(dtype):
+            stats["memory_compute_dtype"] = made_in
+        return cls.from_video_memory(
+            model,
+            tokenizer,
+            memory,
+            settings,
+            source=header.get("source") or str(path),
+            stats=stats,
+            timestamps=header.get("timestamps"),
+        )
+
+    def save_memory(self, path, metadata: dict | None = None) -> Path:
+        """Pre-fill if not done yet, then write the memory with what reopening it needs (the model's
+        identity, these settings, the frame times, the source): `from_memory` answers from the file as this
+        session does. A bi-level session that has answered saves its sparse KV too."""
+        memory = self.prefill()
+        return memory.save(
+            path,
+            metadata,
+            model=self.model,
+            settings=self.settings,
+            timestamps=self.timestamps,
+            source=self.source,
+        )
+
     # -- pre-fill -----------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -374,3 +508,76 @@ class VideoSession:
             answer_s=time.perf_counter() - start,
         )
         return Answer(decode_answer(self.tokenizer, ids, settings), ids, stats)
+
+
+def recorded_settings(header: dict, model) -> EngineSettings:
+    """The settings a memory file records; for a file without them, the checkpoint's with the file's own
+    unit_size, compression and kv_dtype."""
+    held = dict(
+        unit_size=header["unit_size"],
+        compression=header["compression"],
+        kv_dtype=header.get("kv_dtype", "auto"),
+    )
+    engine = header.get("engine")
+    if engine is None:
+        return EngineSettings.from_config(model.config).with_overrides(**held)
+    return EngineSettings(**{**engine, **held})
+
+
+def reopen_settings(path, header: dict, model, wanted: EngineSettings | dict | None) -> EngineSettings:
+    """The settings a reopened memory answers with: `wanted` where it changes only what is decided per
+    question, else a one-line `InputError` naming what the memory cannot honour."""
+    recorded = recorded_settings(header, model)
+    if wanted is None:
+        return recorded
+    if isinstance(wanted, dict):
+        wanted = recorded.with_overrides(**wanted)
+    chunked = recorded.mode != "dense"
+    if chunked and wanted.mode == "dense":
+        wanted = wanted.with_overrides(mode="chunked")  # dense decoding of a chunked pre-fill
+    if header.get("engine") is None:
+        fixed = ("unit_size", "compression", "kv_dtype")  # the rest cannot be checked: trusted
+    else:
+        fixed = ("unit_size", "compression", "kv_dtype") + (("block_size", "prev_blocks") if chunked else ())
+    wrong = [f"{k} {getattr(wanted, k)!r}" for k in fixed if getattr(wanted, k) != getattr(recorded, k)]
+    if header.get("engine") is not None and (wanted.mode != "dense") != chunked:
+        wrong.insert(0, f"mode {wanted.mode!r}")
+    if wrong:
+        made = "dense" if not chunked else f"chunked, block_size {recorded.block_size}, prev_blocks "
+        made += "" if not chunked else str(recorded.prev_blocks)
+        made += f", unit_size {recorded.unit_size}, compression {recorded.compression}, kv_dtype "
+        made += repr(recorded.kv_dtype)
+        raise InputError(f"{path}: cannot answer with {', '.join(wrong)}: the memory was pre-filled {made}")
+    return wanted
+
+
+def _check_geometry(memory: VideoMemory, config, source: str) -> None:
+    """Refuse (one line) a memory whose KV cannot belong to this model's architecture: layers, KV heads,
+    head size, visual tokens per group, video token, context. (A file that records its model was already
+    compared in full; this also guards in-memory memories and files that record nothing.)"""
+    text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    heads, _, dim = memory.keys[0].shape
+    found = dict(
+        layers=len(memory.keys),
+        kv_heads=int(heads),
+        head_dim=int(dim),
+        video_token_id=memory.layout.video_token_id,
+    )
+    want = dict(
+        layers=text.num_hidden_layers,
+        kv_heads=text.num_key_value_heads,
+        head_dim=head_dim,
+        video_token_id=config.video_token_id,
+    )
+    per_group = {g.end - g.visual_start for g in memory.layout.groups}
+    if per_group != {config.tokens_per_group}:
+        found["tokens_per_group"], want["tokens_per_group"] = sorted(per_group), config.tokens_per_group
+    wrong = [f"{k} {found[k]} vs this model's {want[k]}" for k in want if found[k] != want[k]]
+    if wrong:
+        raise InputError(f"{source}: a memory of another model ({', '.join(wrong)})")
+    if memory.layout.video_end >= config.context_limit:
+        raise InputError(
+            f"{source}: the memory holds {memory.layout.video_end} tokens, over the model's context of "
+            f"{config.context_limit}"
+        )
