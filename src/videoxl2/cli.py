@@ -119,8 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="videoxl2", description="Video-XL-2 long-video understanding")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    chat = commands.add_parser("chat", help="answer a question about a video or image file")
-    chat.add_argument("video", help="video or image file")
+    chat = commands.add_parser(
+        "chat", help="answer a question about a video or image file, or a saved video memory"
+    )
+    chat.add_argument(
+        "video", help="video or image file, or a memory written by --save-memory (answered without the video)"
+    )
     chat.add_argument("question")
     _add_model_args(chat)
     _add_engine_args(chat)
@@ -134,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--json", action="store_true", help="print answer, frames, timestamps, stats as JSON")
     chat.add_argument("--units", default=None, help="bilevel: dense units chosen by you, e.g. 3,7,12")
     chat.add_argument("--selection-file", default=None, help="bilevel: the release's selected_infos JSON")
+    chat.add_argument(
+        "--save-memory",
+        default=None,
+        metavar="FILE",
+        help="also write the video memory to FILE; `videoxl2 chat FILE QUESTION` then answers from it",
+    )
 
     tiny = commands.add_parser(
         "init-tiny", help="write a randomly initialised tiny checkpoint (for trying things)"
@@ -170,39 +180,52 @@ def run_chat(args) -> int:
     import torch
 
     from . import load_model, load_tokenizer
-    from .engine.session import VideoSession
+    from .engine.memory import memory_header
+    from .engine.session import VideoSession, recorded_settings
     from .engine.settings import EngineSettings
 
-    check_media(args.video, args.max_frames, args.fps, args.max_fps)  # fail fast, before loading weights
+    header = memory_header(args.video)  # a videoxl2 memory file; anything else is a video or image
+    if header is None:
+        check_media(args.video, args.max_frames, args.fps, args.max_fps)  # fail fast, before loading weights
     start = time.perf_counter()
     model = load_model(args.model, device=args.device, dtype=args.dtype, **_quantize_kwargs(args))
     tokenizer = load_tokenizer(args.model)
     load_s = time.perf_counter() - start
-    settings = EngineSettings.from_config(model.config, **_engine_overrides(args))
+    if header is None:
+        settings = EngineSettings.from_config(model.config, **_engine_overrides(args))
+    else:  # what the memory records, with the per-question knobs given here (pre-fill ones must agree)
+        settings = recorded_settings(header, model).with_overrides(**_engine_overrides(args))
     generation = dict(max_new_tokens=args.max_new_tokens)
     if args.temperature > 0:
         generation.update(do_sample=True, temperature=args.temperature)
     with torch.inference_mode():
-        session = VideoSession.from_path(
-            model,
-            tokenizer,
-            args.video,
-            max_num_frames=args.max_frames,
-            sample_fps=args.fps,
-            max_sample_fps=args.max_fps,
-            settings=settings,
-            progress=False if args.json else None,
-            decode_threads=args.decode_threads,
-            decode_workers=args.decode_workers,
-        )
-        units = external_units(args, settings, session)
+        if header is None:
+            session = VideoSession.from_path(
+                model,
+                tokenizer,
+                args.video,
+                max_num_frames=args.max_frames,
+                sample_fps=args.fps,
+                max_sample_fps=args.max_fps,
+                settings=settings,
+                progress=False if args.json else None,
+                decode_threads=args.decode_threads,
+                decode_workers=args.decode_workers,
+            )
+        else:
+            session = VideoSession.from_memory(model, tokenizer, args.video, settings)
+        units = external_units(args, session.settings, session)
         answer = session.ask(args.question, generation_config=generation, units=units)
+        saved = session.save_memory(args.save_memory) if args.save_memory else None
     if args.json:
         stats = dict(answer.stats)
         stats["load_s"] = load_s
-        record = dict(
-            answer=answer.text, frames=len(session.timestamps), timestamps=session.timestamps, stats=stats
-        )
+        frames = None if session.timestamps is None else len(session.timestamps)
+        record = dict(answer=answer.text, frames=frames, timestamps=session.timestamps, stats=stats)
+        if header is not None:
+            record.update(memory=str(args.video), source=session.source, group_seconds=session.group_seconds)
+        if saved is not None:
+            record["saved_memory"] = str(saved)
         print(json.dumps(record, indent=2))
     else:
         print(answer.text)
@@ -224,7 +247,7 @@ def external_units(args, settings, session) -> list[int] | None:
             raise InputError(f"--units must be comma-separated integers, got {args.units!r}") from err
     from .engine.select import read_selection_file
 
-    units = read_selection_file(args.selection_file, args.video, args.question, settings.unit_size)
+    units = read_selection_file(args.selection_file, session.source, args.question, settings.unit_size)
     if units is None:
         raise InputError(f"{args.selection_file}: no entry for this video and question")
     return units
