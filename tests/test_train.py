@@ -595,3 +595,48 @@ def test_cli_reports_data_errors_in_one_line(tmp_path, media, capsys):
 def test_deepspeed_without_the_package_is_named(tmp_path, media):
     with pytest.raises(ConfigError, match="deepspeed"):
         train(load_config(write_config(tmp_path, media, deepspeed="zero3")))
+
+
+def test_position_skip_moves_positions_apart_at_group_boundaries(tmp_path, media):
+    """PoSE (`data.position_skip`): ids and labels unchanged; positions jump only where a group's time text
+    starts or at the video's end, stay increasing, reach no further than max_position; branch positions get
+    the same gaps; probability 0 leaves every sample plain; a bad setting is a ConfigError."""
+    from videoxl2.errors import ConfigError
+    from videoxl2.train.data import DataSettings
+
+    turns = [*qa("<image>\nWhat colour?", "Red."), *qa("How many?", "2")]
+    (tmp_path / "multi.json").write_text(json.dumps([{"id": "m", "video": str(media / "v0.mp4"),
+                                                      "conversations": turns}]))  # fmt: skip
+    config_path = write_config(tmp_path, media)
+    raw = yaml.safe_load(config_path.read_text())
+    skip = {"max_position": 5000, "probability": 1.0, "cuts": 2}
+    raw["data"].update(datasets=[{"json_path": str(tmp_path / "multi.json")}], independent_turns=True,
+                       position_skip=skip)  # fmt: skip
+    config_path.write_text(yaml.safe_dump(raw))
+    dataset, model = dataset_for(config_path)
+    video_token = model.config.video_token_id
+    torch.manual_seed(0)
+    plain = Collator(dataset.tokenizer.pad_token_id)([{k: v for k, v in dataset[0].items()
+                                                         if k != "position_offsets"}])  # fmt: skip
+    moved = 0
+    for _ in range(20):
+        item = dataset[0]
+        batch = Collator(dataset.tokenizer.pad_token_id)([item])
+        assert torch.equal(batch["input_ids"], plain["input_ids"]) and torch.equal(
+            batch["labels"], plain["labels"]
+        )
+        ids, gap = item["input_ids"], batch["position_ids"][0] - plain["position_ids"][0]
+        jumps = (gap[1:] != gap[:-1]).nonzero()[:, 0] + 1
+        video_end = item["branch_starts"][0]
+        for j in jumps.tolist():
+            assert j == video_end or (ids[j - 1] == video_token and ids[j] != video_token), j
+        assert (gap[1:] >= gap[:-1]).all() and int(gap[0]) == 0
+        assert int(batch["position_ids"].max()) < skip["max_position"]
+        moved += bool(jumps.numel())
+    assert moved >= 15, f"only {moved} of 20 draws moved any position"
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+    dataset.settings.position_skip = dict(skip, probability=0.0)
+    assert "position_offsets" not in dataset[0]
+    with pytest.raises(ConfigError, match="position_skip: expected max_position"):
+        DataSettings(datasets=[], position_skip={"max_positions": 10})

@@ -19,6 +19,14 @@ the media prefix is laid out once and each question + answer follows it as a bra
 itself only (a tree attention mask, positions restarting after the prefix). One encoding of a video then
 trains several single-question answers with exactly the tokens, positions and visibility an inference
 question has, and no answer can be copied from another turn.
+
+With `position_skip: {max_position: P, probability: p, cuts: c}` (data settings; PoSE, arXiv 2309.10400) a
+video sample is, with probability p, laid out with its position ids pushed apart: at c group boundaries
+drawn at random (before a group's time text, or between the last group and the question) every later token
+moves up by a random gap, the gaps summing to at most P minus the sample's length. The tokens and the
+attention stay the same; the relative distances a question sees reach those of a video of P tokens, which a
+model trained on short videos has never met (the bundled demo model names a needle in 100% of 64-frame
+haystacks, 30% once a 600-position gap follows the needle).
 """
 
 from __future__ import annotations
@@ -63,6 +71,19 @@ class DataSettings:
     model_max_length: int = 8192
     check_media: bool = True  # stat every media file at start (one error listing all missing ones)
     independent_turns: bool = False  # every turn a branch after the media prefix, as if asked alone
+    position_skip: dict | None = None  # {max_position, probability, cuts}: PoSE gaps (module notes)
+
+    def __post_init__(self):
+        if self.position_skip is not None:
+            skip = {"probability": 1.0, "cuts": 2, **self.position_skip}
+            unknown = sorted(set(skip) - {"max_position", "probability", "cuts"})
+            if unknown or "max_position" not in skip:
+                raise ConfigError(
+                    f"data.position_skip: expected max_position (and probability, cuts), got {sorted(skip)}"
+                )
+            if not (0 <= skip["probability"] <= 1 and skip["cuts"] >= 1 and skip["max_position"] > 0):
+                raise ConfigError(f"data.position_skip: out of range: {skip}")
+            self.position_skip = skip
 
 
 @dataclass
@@ -366,9 +387,36 @@ class SupervisedDataset(torch.utils.data.Dataset):
         }
         if starts is not None:
             item["branch_starts"] = starts
+        if self.settings.position_skip is not None and seconds is not None:
+            offsets = position_gaps(ids, video_end, self.config.video_token_id, self.settings.position_skip)
+            if offsets is not None:
+                item["position_offsets"] = offsets
         if key is not None:
             item.update(feature_key=key, visual_features=features)
         return item
+
+
+def position_gaps(ids: list[int], video_end: int, video_token_id: int, skip: dict) -> torch.Tensor | None:
+    """Per-token position offsets of one PoSE draw (module notes), or None when this sample is left as it is.
+    Cuts fall where a group's time text begins (the token after a run of visual placeholders: groups 2 on)
+    or at the video's end; drawn with torch's generator, which the data loader seeds."""
+    if float(torch.rand(())) >= skip["probability"]:
+        return None
+    visual = torch.tensor(ids[:video_end]) == video_token_id
+    if not bool(visual.any()):
+        return None
+    ends = (visual[:-1] & ~visual[1:]).nonzero()[:, 0] + 1  # first token after each visual run
+    boundaries = torch.cat([ends, torch.tensor([video_end])]).unique()
+    room = int(skip["max_position"]) - len(ids)
+    if room <= 0:
+        return None
+    cuts = boundaries[torch.randint(len(boundaries), (int(skip["cuts"]),))]
+    gaps = torch.randint(room + 1, (int(skip["cuts"]),))
+    gaps = (gaps.float() * room / max(int(gaps.sum()), room)).long()  # the sum stays within room
+    offsets = torch.zeros(len(ids), dtype=torch.long)
+    for cut, gap in zip(cuts.tolist(), gaps.tolist()):
+        offsets[cut:] += gap
+    return offsets
 
 
 @dataclass
@@ -396,6 +444,12 @@ class Collator:
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         if any("branch_starts" in item for item in items):
             batch.update(self.branch_masks(items, length))
+        if any("position_offsets" in item for item in items):
+            positions = batch.get("position_ids", torch.arange(length).repeat(len(items), 1))
+            for row, item in enumerate(items):
+                if "position_offsets" in item:
+                    positions[row, : len(item["position_offsets"])] += item["position_offsets"]
+            batch["position_ids"] = positions
         media = [i for i in items if (i.get("pixel_values"), i.get("visual_features")) != (None, None)]
         if any("feature_key" in item for item in media):
             batch["feature_keys"] = [item["feature_key"] for item in media]
