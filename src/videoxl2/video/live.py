@@ -72,7 +72,8 @@ def open_live(source: str, follow_idle_s: float = 2.0, stop: threading.Event | N
     scheme = urlparse(source).scheme.lower()
     try:
         if source == "-":
-            container = av.open(sys.stdin.buffer, mode="r")
+            # the raw pipe: a buffered read waits to fill its whole buffer, seconds of a low-bitrate stream
+            container = av.open(getattr(sys.stdin.buffer, "raw", sys.stdin.buffer), mode="r")
         elif scheme in URL_SCHEMES:
             micros = str(int(timeout_s * 1e6))
             container = av.open(source, mode="r", options={"rw_timeout": micros, "timeout": micros})
