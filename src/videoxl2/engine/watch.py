@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import re
 import sys
 import threading
 import time
@@ -286,7 +287,8 @@ def ingest_error(ingest, source: str) -> str | None:
     status = ingest.status()
     if status["state"] != "failed":
         return None
-    return status.get("error") or f"{source}: the stream failed"
+    error = status.get("error") or f"{source}: the stream failed"
+    return re.sub(r"^\w+(Error|Exception): ", "", error)  # the type name adds nothing to the CLI's line
 
 
 def run(args) -> int:
@@ -335,8 +337,7 @@ def run(args) -> int:
         with torch.inference_mode():
             watcher.final()
         if args.save_memory is not None:
-            metadata = dict(source=args.source, seconds_seen=session.seconds_seen, frames=session.frames_seen)
-            path = session.save_memory(args.save_memory, metadata={k: str(v) for k, v in metadata.items()})
+            path = session.save_memory(args.save_memory)  # source, seconds seen and settings recorded
             print(
                 f"videoxl2: memory of {session.seconds_seen:.1f} s ({session.frames_seen} frames) saved to "
                 f"{path}",

@@ -1,0 +1,416 @@
+"""Live video: `videoxl2 watch -` fed through a pipe by a producer process, with the bundled demo model.
+
+The stream is a V-NIAH haystack of the demo's kind (`videoxl2.data.synthetic`: drifting grey blobs, one
+coloured shape shown for one 4-second group, placed in the first minute but after the first unit, which is
+always kept dense) rendered at 64x64, written at 30 fps as MPEG-TS (mpeg4, a keyframe each second, each
+packet flushed as soon as it is muxed). `watch` samples it at 1 fps (every 30th frame: the haystack holds
+each picture for a second) and asks the demo's needle question, "What was the first shape shown in the
+video?", every `--every` seconds of stream time and once at the end.
+
+1. Real time (`--minutes`, default 3): the producer writes each frame at its wall-clock time. Reported: the
+   ingest lag (arrival -> answerable: the engine's p50 / p95 over the stream), the latency of the `--every`
+   answers asked while the stream runs, the watch process's RSS sampled every second (with the stream
+   seconds seen then), exact mode and, with `--horizon`, bounded mode (`--dense-horizon`).
+2. Long (`--long-minutes`, default 60, `--trials`): the same stream written as fast as the watcher takes it
+   (no pacing: the pipe's back-pressure sets the pace, so stream time runs faster than real time and lag
+   says nothing), asked once at the end: whether the needle's unit is among the units the answer read
+   dense, whether the answer names the needle, RSS from the first horizon to the end; exact vs bounded.
+
+Both run in bi-level mode (selection is what bounded mode reloads by). Each case is one `videoxl2 watch`
+process; this script only produces, watches RSS and reads the JSON lines.
+
+    flock /tmp/cpu.lock python benchmarks/live.py --skip-long            # 3 min real time, exact + bounded
+    python benchmarks/live.py --minutes 1 --skip-long --no-bounded       # a quick look
+    flock /tmp/cpu.lock python benchmarks/live.py --skip-realtime --long-minutes 60 --trials 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+WRITE_FPS = 30
+NEEDLE_SECONDS = 60  # the needle starts within the first minute
+STATUS = re.compile(r"([\d.]+) s seen, (\d+) frames, lag ([\d.]+ s|-), memory ([\d.]+) MiB")
+
+
+# -- the producer (its own process: `live.py --produce SPEC`) ------------------------------------------------
+def needle_spec(seconds: int, seed: int, trial: int):
+    """A one-needle haystack of `seconds` at 1 fps, the needle in the first minute after unit 0."""
+    from videoxl2.data.synthetic import GROUP, Needle, VideoSpec
+    from videoxl2.demo.niah import trial_needle
+
+    rng = np.random.default_rng([seed, trial, 7])
+    needle = trial_needle(seed, trial)
+    groups = max(1, min(NEEDLE_SECONDS, seconds) // GROUP)
+    first = min(2, groups - 1)  # groups 0 and 1 make unit 0 (the demo's unit size is 2 groups)
+    start = int(rng.integers(first, groups)) * GROUP
+    return VideoSpec(int(seconds), 1.0, seed * 100_003 + trial, (Needle(needle.colour, needle.shape, start),))
+
+
+class PipeOut:
+    """PyAV's output: every write goes straight to file descriptor 1 (no Python buffering)."""
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view) :]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def produce(spec_json: str) -> int:
+    import av
+
+    from videoxl2.data.synthetic import Needle, VideoSpec, render_frame
+
+    values = json.loads(spec_json)
+    spec = VideoSpec(
+        values["seconds"], 1.0, values["seed"], (Needle(values["colour"], values["shape"], values["start"]),)
+    )
+    realtime = values["realtime"]
+    try:
+        with av.open(PipeOut(), "w", format="mpegts", options={"flush_packets": "1"}) as container:
+            stream = container.add_stream("mpeg4", rate=WRITE_FPS)
+            stream.height, stream.width = spec.size
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"qscale": "2", "g": str(WRITE_FPS)}
+            start, picture, shown = time.monotonic(), None, -1
+            for index in range(spec.num_frames * WRITE_FPS):
+                second = index // WRITE_FPS
+                if second != shown:
+                    picture, shown = render_frame(spec, second), second
+                frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+                frame.pts, frame.time_base = index, Fraction(1, WRITE_FPS)
+                if realtime:
+                    time.sleep(max(0.0, start + index / WRITE_FPS - time.monotonic()))
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    except (BrokenPipeError, OSError):
+        pass  # the watcher went away: nothing left to do
+    return 0
+
+
+# -- one watched stream --------------------------------------------------------------------------------
+def proc_rss(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def watch_command() -> list[str]:
+    exe = shutil.which("videoxl2", path=str(Path(sys.executable).parent)) or shutil.which("videoxl2")
+    return [exe] if exe else [sys.executable, "-m", "videoxl2.cli"]
+
+
+def run_case(name, spec, realtime: bool, args, every=None, horizon=None, timeout_s=None) -> dict:
+    """One producer -> pipe -> `videoxl2 watch -` run; answers, RSS and status lines as they came."""
+    from videoxl2.demo.niah import QUESTION
+
+    needle = spec.needles[0]
+    values = dict(seconds=spec.num_frames, seed=spec.seed, colour=needle.colour, shape=needle.shape)
+    values.update(start=needle.start_frame, realtime=realtime)
+    command = [*watch_command(), "watch", "-", "--json", "--progress", "--model", str(args.model)]
+    command += ["--mode", "bilevel", "--question", QUESTION, "--max-new-tokens", "8"]
+    command += [] if every is None else ["--every", str(every)]
+    command += [] if horizon is None else ["--dense-horizon", str(horizon)]
+    command += [] if args.max_memory is None else ["--max-memory", args.max_memory]
+    spill = tempfile.mkdtemp(prefix="live-spill-")
+    command += ["--spill-dir", spill]
+    start = time.monotonic()
+    producer = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--produce", json.dumps(values)],
+        stdout=subprocess.PIPE,
+    )
+    err_file = tempfile.TemporaryFile()
+    watcher = subprocess.Popen(command, stdin=producer.stdout, stdout=subprocess.PIPE, stderr=err_file)
+    producer.stdout.close()
+    answers: list[dict] = []
+
+    def read_answers():
+        for line in watcher.stdout:
+            if line.strip():
+                record = json.loads(line)
+                record["arrived_s"] = time.monotonic() - start
+                answers.append(record)
+
+    reader = threading.Thread(target=read_answers, daemon=True)
+    reader.start()
+    samples, produced_s, killed = [], None, False
+    status_seen = [None]  # latest status line: (seconds seen, frames, lag, KV MiB)
+    while watcher.poll() is None:
+        time.sleep(1.0)
+        now = time.monotonic() - start
+        if produced_s is None and producer.poll() is not None:
+            produced_s = now
+        status_seen[0] = last_status(err_file) or status_seen[0]
+        rss = proc_rss(watcher.pid)
+        if rss is not None:
+            seen = status_seen[0]
+            samples.append(
+                dict(
+                    wall_s=round(now, 2),
+                    seconds_seen=None if seen is None else seen[0],
+                    rss_mib=round(rss / 2**20, 1),
+                    kv_mib=None if seen is None else seen[3],
+                )
+            )
+        if timeout_s is not None and now > timeout_s:
+            watcher.kill()
+            killed = True
+    producer.kill()
+    producer.wait()
+    reader.join(timeout=10)
+    wall = time.monotonic() - start
+    err_file.seek(0)
+    stderr = err_file.read().decode(errors="replace")
+    err_file.close()
+    shutil.rmtree(spill, ignore_errors=True)
+    return summarize_case(name, spec, realtime, every, horizon, answers, samples, produced_s, wall,
+                          watcher.returncode, killed, stderr)  # fmt: skip
+
+
+def last_status(err_file) -> tuple | None:
+    """The newest status line `watch --progress` drew on stderr: (seconds seen, frames, lag, KV MiB)."""
+    try:
+        size = os.fstat(err_file.fileno()).st_size
+        handle = os.dup(err_file.fileno())
+        with os.fdopen(handle, "rb") as copy:
+            copy.seek(max(0, size - 4096))
+            tail = copy.read().decode(errors="replace")
+    except OSError:
+        return None
+    matches = STATUS.findall(tail)
+    if not matches:
+        return None
+    seen, frames, lag, memory = matches[-1]
+    return float(seen), int(frames), None if lag == "-" else float(lag[:-2]), float(memory)
+
+
+def percentile(values, q):
+    return None if not values else float(np.percentile(values, q))
+
+
+def summarize_case(name, spec, realtime, every, horizon, answers, samples, produced_s, wall, code, killed,
+                   stderr) -> dict:  # fmt: skip
+    from videoxl2.eval.scoring import normalize_text
+
+    needle = spec.needles[0]
+    needle_s = float(needle.start_frame)  # 1 fps: frame k of the spec is shown from second k
+    final = next((a for a in reversed(answers) if a.get("trigger") == "final"), None)
+    periodic = [a for a in answers if a.get("trigger") == "every"]
+    while_running = [a for a in periodic if produced_s is None or a["arrived_s"] < produced_s]
+    latencies = [a["answer_s"] for a in periodic]
+    case = dict(
+        name=name,
+        mode="bounded" if horizon is not None else "exact",
+        dense_horizon_s=horizon,
+        realtime=realtime,
+        stream_s=spec.num_frames,
+        needle=dict(name=needle.name, start_s=needle_s),
+        wall_s=round(wall, 1),
+        exit_code=code,
+        timed_out=killed,
+        every_s=every,
+        every_answers=len(periodic),
+        every_answers_while_streaming=len(while_running),
+        answer_latency_p50_s=percentile(latencies, 50),
+        answer_latency_p95_s=percentile(latencies, 95),
+        answer_latency_max_s=max(latencies) if latencies else None,
+        answer_lags_s=[a["lag_s"] for a in periodic],
+        rss=samples,
+        answers=answers,
+        stderr_tail=stderr.replace("\r", "\n")[-1500:] if code != 0 else "",
+    )
+    if final is not None:
+        ingest = final.get("ingest") or {}
+        units = final["units"]
+        holder = [
+            u for u in units if u["start_seconds"] <= needle_s < max(u["end_seconds"], u["start_seconds"] + 1)
+        ]
+        case.update(
+            lag_p50_s=ingest.get("lag_p50_s"),
+            lag_p95_s=ingest.get("lag_p95_s"),
+            seconds_seen=final["seconds_seen"],
+            frames_seen=final["frames_seen"],
+            final_answer=final["answer"],
+            correct=normalize_text(final["answer"]) == normalize_text(needle.name),
+            needle_unit_selected=bool(holder),
+            dense_units=[u["index"] for u in units],
+        )
+    case.update(rss_growth(samples, horizon))
+    return case
+
+
+def rss_growth(samples: list[dict], horizon) -> dict:
+    """RSS when the stream passed the first horizon (or its first third in exact mode) and at the end."""
+    seen = [s for s in samples if s["seconds_seen"] is not None]
+    if not seen:
+        return {}
+    stream_end = seen[-1]["seconds_seen"]
+    mark = horizon if horizon is not None else stream_end / 3
+    after = [s for s in seen if s["seconds_seen"] >= mark] or seen[-1:]
+    first, last = after[0]["rss_mib"], max(s["rss_mib"] for s in after)
+    return dict(
+        rss_mark_s=mark,
+        rss_at_mark_mib=first,
+        rss_peak_after_mark_mib=last,
+        rss_growth_after_mark_pct=round(100 * (last - first) / first, 1) if first else None,
+        rss_peak_mib=max(s["rss_mib"] for s in samples),
+    )
+
+
+# -- the runs ------------------------------------------------------------------------------------------
+def realtime_cases(args) -> list[dict]:
+    seconds = int(args.minutes * 60)
+    spec = needle_spec(seconds, args.seed, 0)
+    horizons = [None] + ([min(args.horizon, seconds / 3)] if args.bounded else [])
+    cases = []
+    for horizon in horizons:
+        case = run_case(
+            "realtime", spec, True, args, every=args.every, horizon=horizon, timeout_s=seconds + 300
+        )
+        cases.append(case)
+        print(row(case), file=sys.stderr, flush=True)
+    return cases
+
+
+def long_cases(args) -> list[dict]:
+    seconds = int(args.long_minutes * 60)
+    horizons = [None] + ([args.horizon] if args.bounded else [])
+    cases = []
+    for trial in range(args.trials):
+        spec = needle_spec(seconds, args.seed, 1000 + trial)
+        for horizon in horizons:
+            case = run_case(f"long-{trial}", spec, False, args, horizon=horizon, timeout_s=args.long_timeout)
+            cases.append(case)
+            print(row(case), file=sys.stderr, flush=True)
+    return cases
+
+
+def long_summary(cases: list[dict]) -> dict:
+    out = {}
+    for mode in ("exact", "bounded"):
+        rows = [c for c in cases if c["mode"] == mode and "correct" in c]
+        if rows:
+            out[mode] = dict(
+                trials=len(rows),
+                accuracy_pct=100 * float(np.mean([c["correct"] for c in rows])),
+                needle_unit_selected_pct=100 * float(np.mean([c["needle_unit_selected"] for c in rows])),
+                rss_growth_after_mark_pct=[c.get("rss_growth_after_mark_pct") for c in rows],
+                wall_s=[c["wall_s"] for c in rows],
+            )
+    return out
+
+
+def fmt(value, spec=".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+HEADER = (
+    f"{'case':<11}{'mode':<9}{'stream':>7}{'wall':>7}{'lag p50':>8}{'p95':>6}{'every':>7}{'ans p50':>8}"
+    f"{'p95':>6}{'RSS MiB':>14}{'growth':>8}{'needle':>7}{'right':>6}"
+)
+
+
+def row(case: dict) -> str:
+    every = f"{case['every_answers_while_streaming']}/{case['every_answers']}" if case["every_s"] else "-"
+    rss = f"{fmt(case.get('rss_at_mark_mib'), '.0f')}->{fmt(case.get('rss_peak_after_mark_mib'), '.0f')}"
+    growth = fmt(case.get("rss_growth_after_mark_pct"), ".1f")
+    selected = {True: "yes", False: "no", None: "-"}[case.get("needle_unit_selected")]
+    right = {True: "yes", False: "no", None: "-"}[case.get("correct")]
+    return (
+        f"{case['name']:<11}{case['mode']:<9}{case['stream_s'] / 60:>6.0f}m{case['wall_s']:>6.0f}s"
+        f"{fmt(case.get('lag_p50_s')):>8}{fmt(case.get('lag_p95_s')):>6}{every:>7}"
+        f"{fmt(case['answer_latency_p50_s']):>8}{fmt(case['answer_latency_p95_s']):>6}{rss:>14}"
+        f"{growth + '%' if growth != '-' else '-':>8}{selected:>7}{right:>6}"
+        + ("" if case["exit_code"] == 0 else f"  exit {case['exit_code']}")
+    )
+
+
+def machine() -> dict:
+    import torch
+
+    return dict(
+        cpu_count=os.cpu_count(),
+        affinity=len(os.sched_getaffinity(0)),
+        torch_threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        platform=platform.platform(),
+    )
+
+
+def main() -> int:
+    from videoxl2.defaults import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--produce", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--minutes", type=float, default=3.0, help="real-time stream length (default 3)")
+    parser.add_argument("--every", type=float, default=30.0, help="real time: ask every this many seconds")
+    parser.add_argument("--long-minutes", type=float, default=60.0, help="long stream length (default 60)")
+    parser.add_argument("--trials", type=int, default=3, help="long streams (needles) per mode")
+    parser.add_argument("--long-timeout", type=float, default=3600.0, help="seconds one long run may take")
+    parser.add_argument("--horizon", type=float, default=300.0, help="bounded mode's --dense-horizon")
+    parser.add_argument("--max-memory", default=None, help="passed to watch --max-memory (bounded runs)")
+    parser.add_argument("--bounded", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--skip-realtime", action="store_true")
+    parser.add_argument("--skip-long", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args()
+    if args.produce is not None:
+        return produce(args.produce)
+    result = dict(
+        benchmark="live",
+        date=datetime.now().isoformat(timespec="seconds"),
+        machine=machine(),
+        args={k: v for k, v in vars(args).items() if k != "produce"},
+        cases=[],
+    )
+    print(HEADER, file=sys.stderr)
+    if not args.skip_realtime:
+        result["cases"] += realtime_cases(args)
+    if not args.skip_long:
+        result["cases"] += long_cases(args)
+        result["long"] = long_summary([c for c in result["cases"] if c["name"].startswith("long")])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"live-{datetime.now().strftime('%Y%m%d-%H%M')}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "cases"}, indent=1))
+    print(HEADER)
+    for case in result["cases"]:
+        print(row(case))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

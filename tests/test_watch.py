@@ -1,0 +1,219 @@
+"""`videoxl2 watch`: a live MPEG-TS stream on standard input or in a growing file, questions every few
+seconds of stream time, a final answer when the stream ends, is dropped or is interrupted, and one-line
+errors for sources that cannot be streams."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from videoxl2.cli import main
+
+FPS = 10  # frames written per stream second; watch samples them at --fps
+QUESTION = "What colour?"
+FIELDS = {"question", "answer", "trigger", "seconds_seen", "frames_seen", "lag_s", "units", "answer_s"}
+
+
+def ts_bytes(seconds: float, fps: int = FPS) -> bytes:
+    """An MPEG-TS stream whose frames show colours cycling once per second (32x32)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for index in range(int(seconds * fps)):
+            level = (index // fps * 40) % 256
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), level, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+# A producer process: writes a TS stream to stdout in real time (chunks every 0.1 s of stream time), and
+# the stream seconds written so far to stderr, one line per second.
+PRODUCER = f"""
+import sys, time
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_watch import ts_bytes
+data = ts_bytes(float(sys.argv[1]))
+seconds = float(sys.argv[1]); chunks = int(seconds * 10); size = len(data) // chunks + 1
+start = time.monotonic()
+for i in range(chunks):
+    sys.stdout.buffer.write(data[i * size : (i + 1) * size]); sys.stdout.buffer.flush()
+    if (i + 1) % 10 == 0:
+        print((i + 1) // 10, file=sys.stderr, flush=True)
+    time.sleep(max(0.0, start + (i + 1) * 0.1 - time.monotonic()))
+"""
+
+
+def records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def watch_exe() -> list[str]:
+    exe = shutil.which("videoxl2")
+    return [exe] if exe else [sys.executable, "-m", "videoxl2.cli"]
+
+
+def check_record(record: dict) -> None:
+    assert FIELDS <= set(record), record
+    assert record["question"] == QUESTION and isinstance(record["answer"], str)
+    assert record["answer_s"] > 0 and record["frames_seen"] >= 1
+    for unit in record["units"]:
+        assert {"index", "start_seconds", "end_seconds"} <= set(unit)
+        assert 0 <= unit["start_seconds"] <= unit["end_seconds"]
+
+
+def test_watch_stdin_every_and_final(tiny_checkpoint, monkeypatch, capsys):
+    """In-process: a thread writes 6 s of stream into a pipe at 3x real time; --every 1 answers arrive while
+    it runs, their seconds_seen increase, and the final answer has seen every sampled frame."""
+    data = ts_bytes(6.0)
+    read_fd, write_fd = os.pipe()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(os.fdopen(read_fd, "rb")))
+
+    def produce():
+        with os.fdopen(write_fd, "wb") as pipe:
+            size = len(data) // 40 + 1
+            for start in range(0, len(data), size):
+                pipe.write(data[start : start + size])
+                pipe.flush()
+                time.sleep(0.05)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    argv = ["watch", "-", "--model", str(tiny_checkpoint), "--json", "--fps", "2", "--question", QUESTION]
+    code = main([*argv, "--every", "1", "--max-new-tokens", "2"])
+    producer.join()
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    answers = records(out.out)
+    for record in answers:
+        check_record(record)
+    every = [r for r in answers if r["trigger"] == "every"]
+    assert len(every) >= 2, answers
+    seen = [r["seconds_seen"] for r in every]
+    assert seen == sorted(seen) and seen[0] < seen[-1], seen
+    assert all(r["seconds_seen"] < 5.5 for r in every[:1])  # asked while the stream was still coming
+    final = answers[-1]
+    assert final["trigger"] == "final" and [r["trigger"] for r in answers].count("final") == 1
+    # 6 s sampled at 2 fps: ticks 0, 0.5, ..., 5.5
+    assert final["frames_seen"] == 12 and final["seconds_seen"] == pytest.approx(5.5)
+    assert final["ingest"]["state"] == "ended" and final["units"]
+
+
+def test_a_killed_producer_ends_cleanly_with_an_answer(tiny_checkpoint, tmp_path):
+    """`producer | videoxl2 watch -`: the producer is killed mid-stream (SIGKILL, mid-packet); watch still
+    answers from what it saw, saves that memory and exits 0."""
+    producer = subprocess.Popen(
+        [sys.executable, "-c", PRODUCER, "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    memory = tmp_path / "seen.safetensors"
+    command = [*watch_exe(), "watch", "-", "--model", str(tiny_checkpoint), "--json", "--fps", "2"]
+    command += ["--question", QUESTION, "--max-new-tokens", "2", "--save-memory", str(memory)]
+    watcher = subprocess.Popen(command, stdin=producer.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    producer.stdout.close()  # the watcher holds the only reading end
+    while int(producer.stderr.readline() or 30) < 3:  # 3 s of stream written (a pipe holds it all)
+        pass
+    producer.send_signal(signal.SIGKILL)
+    producer.wait()
+    out, err = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, err.decode()[-2000:]
+    answers = records(out.decode())
+    assert [r["trigger"] for r in answers] == ["final"]
+    final = answers[0]
+    check_record(final)
+    assert 4 <= final["frames_seen"] < 30, final  # 3 to 4 s of the 30 at 2 fps
+    assert "saved to" in err.decode()
+    # the saved memory is what the final answer read: reopened, it gives the same answer
+    from videoxl2 import load_model, load_tokenizer
+    from videoxl2.engine.session import VideoSession
+
+    reopened = VideoSession.from_memory(load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint), memory)
+    again = reopened.ask(QUESTION, generation_config={"max_new_tokens": 2})
+    assert again.text == final["answer"]
+    # it records its origin (the model, the frame times): `videoxl2 chat MEMORY_FILE Q` reopens it as such
+    assert reopened.stats["memory_origin"] == "recorded"
+    assert len(reopened.timestamps) == final["frames_seen"]
+
+
+def test_ctrl_c_ends_cleanly_with_an_answer(tiny_checkpoint, tmp_path):
+    """A followed file still being written; Ctrl-C (SIGINT) after the first --every answer: exit 0, a
+    final answer from what was seen."""
+    path = tmp_path / "growing.ts"
+    path.write_bytes(b"")
+    data = ts_bytes(40.0)
+    stop = threading.Event()
+
+    def writer():  # real time: 0.1 s of stream every 0.1 s
+        size = len(data) // 400 + 1
+        for start in range(0, len(data), size):
+            if stop.is_set():
+                return
+            with open(path, "ab") as handle:
+                handle.write(data[start : start + size])
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    command = [*watch_exe(), "watch", str(path), "--model", str(tiny_checkpoint), "--json", "--fps", "2"]
+    command += ["--question", QUESTION, "--every", "1", "--max-new-tokens", "2"]
+    watcher = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        first = json.loads(watcher.stdout.readline())
+        assert first["trigger"] == "every", first
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=60)
+    finally:
+        stop.set()
+        if watcher.poll() is None:
+            watcher.kill()
+    assert watcher.returncode == 0, err[-2000:]
+    answers = [first, *records(out)]
+    assert answers[-1]["trigger"] == "final" and answers[-1]["frames_seen"] < 80
+    assert answers[-1]["seconds_seen"] >= first["seconds_seen"]
+    assert "stopped; answering from what was seen" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/nope.ts"], "nope.ts: no such file"),
+        (["ftp://example.com/live"], "unsupported URL scheme 'ftp'"),
+        (["-", "--every", "5"], "--every needs --question"),
+        (["-", "--question", "q", "--every", "0"], "--every must be > 0"),
+        (["-", "--fps", "0"], "--fps must be > 0"),
+        (["-", "--max-memory", "lots"], "--max-memory 'lots'"),
+        (["-", "--save-memory", "{tmp}/no/such/dir/m.safetensors"], "its folder does not exist"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(tiny_checkpoint, tmp_path, capsys, args, message):
+    code = main(["watch", *[a.format(tmp=tmp_path) for a in args], "--model", str(tiny_checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and err.startswith("videoxl2: error: ") and message in err, err
+
+
+def test_a_file_that_is_not_a_video_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    text = tmp_path / "notes.ts"
+    text.write_text("not a video at all\n" * 50)
+    code = main(["watch", str(text), "--model", str(tiny_checkpoint), "--follow-idle", "0.2"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err
+    assert last.startswith("videoxl2: error: ") and "notes.ts" in last, err
