@@ -1,4 +1,5 @@
-"""The HTTP face: OpenAI-style /v1/chat/completions (plain and server-sent events), /v1/models, /health.
+"""The HTTP face: OpenAI-style /v1/chat/completions (plain and server-sent events), /v1/models, /health,
+and /v1/streams (live sources watched in the background, see streams.py).
 
 Every failure is a JSON `{"error": {...}}` with a 4xx/5xx status; nothing a client sends reaches it as a
 stack trace, and one bad request never stops the server.
@@ -13,6 +14,7 @@ import secrets
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,14 +22,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .errors import ServeError
 from .media import size_text
-from .schemas import ChatRequest
+from .schemas import ChatRequest, StreamRequest
 from .service import Job, VideoChatService
 
 log = logging.getLogger("videoxl2.serve")
 
 
 def conversation(request: ChatRequest) -> Job:
-    """The one video (or image) of the conversation, its earlier turns and the question to answer."""
+    """The one video, image or live stream of the conversation, its earlier turns and the question."""
     media, turns = [], []
     for number, message in enumerate(request.messages):
         if message.role == "system":
@@ -41,11 +43,22 @@ def conversation(request: ChatRequest) -> Job:
                     raise ServeError(400, f"messages[{number}]: media can only be in user messages")
                 kind = part.type.split("_")[0]
                 media.append((getattr(part, part.type).url, kind))
+            elif part.type == "video_stream":
+                if message.role != "user":
+                    raise ServeError(400, f"messages[{number}]: media can only be in user messages")
+                media.append((part.stream_id, "stream"))
         turns.append((message.role, text.strip()))
     if len(media) != 1:
         raise ServeError(
-            400, f"a conversation needs exactly one video_url or image_url part, found {len(media)}"
+            400,
+            f"a conversation needs exactly one video_url, image_url or video_stream part, found {len(media)}",
         )
+    fixed = request.video_fields_set()
+    if media[0][1] == "stream" and fixed:
+        raise ServeError(
+            400, f"{', '.join(fixed)}: a video_stream is sampled and pre-filled with the settings given "
+            "when it was created (POST /v1/streams); remove them here",
+        )  # fmt: skip
     roles = [role for role, _ in turns]
     if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
         raise ServeError(
@@ -54,6 +67,15 @@ def conversation(request: ChatRequest) -> Job:
     if not turns[-1][1]:
         raise ServeError(400, "the last user message has no text question")
     history = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
+    if media[0][1] == "stream":
+        return Job(
+            media_url="",
+            media_kind="stream",
+            question=turns[-1][1],
+            history=history,
+            generation=request.generation(),
+            stream_id=media[0][0],
+        )
     return Job(
         media_url=media[0][0],
         media_kind=media[0][1],
@@ -69,7 +91,13 @@ def conversation(request: ChatRequest) -> Job:
 
 def create_app(service: VideoChatService) -> FastAPI:
     settings = service.settings
-    app = FastAPI(title="videoxl2", version="0.1.0")
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        service.streams.close()  # every stream stopped and its reader joined before the server exits
+
+    app = FastAPI(title="videoxl2", version="0.1.0", lifespan=lifespan)
     app.state.service = service
 
     @app.exception_handler(ServeError)
@@ -112,6 +140,7 @@ def create_app(service: VideoChatService) -> FastAPI:
             "model": service.model_id,
             "busy": service.busy,
             "cached_videos": len(service.cache),
+            "streams": len(service.streams),
         }
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
@@ -124,6 +153,8 @@ def create_app(service: VideoChatService) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: ChatRequest, request: Request):
         job = conversation(body)
+        if job.stream_id is not None:
+            service.streams.check_answerable(job.stream_id)  # 404 / 409 now, before queueing
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         cancel = threading.Event()
         service.admit()  # 429 now, before any response starts
@@ -153,6 +184,25 @@ def create_app(service: VideoChatService) -> FastAPI:
             "usage": usage(result),
             "videoxl2": result["stats"],
         }
+
+    # Plain `def` handlers run in a thread pool: DELETE waits for a reader thread, which must not hold the
+    # event loop up.
+    @app.post("/v1/streams", status_code=201, dependencies=[Depends(authorize)])
+    def create_stream(body: StreamRequest):
+        return service.streams.create(body.source, body.fps, body.engine()).status()
+
+    @app.get("/v1/streams", dependencies=[Depends(authorize)])
+    def list_streams():
+        return {"object": "list", "data": [stream.status() for stream in service.streams.list()]}
+
+    @app.get("/v1/streams/{ident}", dependencies=[Depends(authorize)])
+    def stream_status(ident: str):
+        return service.streams.get(ident).status()
+
+    @app.delete("/v1/streams/{ident}", dependencies=[Depends(authorize)])
+    def delete_stream(ident: str):
+        service.streams.delete(ident)
+        return {"id": ident, "object": "stream.deleted", "deleted": True}
 
     return app
 

@@ -46,6 +46,39 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=64.0, help="largest data: upload")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a request gets 504")
     parser.add_argument("--ui", action="store_true", help="also serve the web UI at /ui")
+    streams = parser.add_argument_group("live streams (POST /v1/streams)")
+    streams.add_argument("--max-streams", type=int, default=2, help="streams watched at once; more get 429")
+    streams.add_argument(
+        "--stream-url-schemes",
+        default="",
+        metavar="LIST",
+        help="URL schemes a stream may use, comma-separated (e.g. rtsp,srt); default none: files only",
+    )
+    streams.add_argument(
+        "--stream-hosts", default="", metavar="LIST", help="hosts a stream URL may name, comma-separated"
+    )
+    streams.add_argument(
+        "--stream-max-memory",
+        default=None,
+        metavar="BYTES",
+        help="KV memory one stream may hold (e.g. 2GiB); older units spill to disk, and a stream still "
+        "over it stops reading",
+    )
+    streams.add_argument(
+        "--stream-dense-horizon",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="bounded memory: units older than this keep only their sparse KV in memory",
+    )
+    streams.add_argument("--stream-max-fps", type=float, default=4.0, help="most frames per stream second")
+    streams.add_argument(
+        "--stream-follow-idle",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="a followed file that has not grown for this long has ended",
+    )
 
 
 def settings_from(args, **extra):
@@ -68,6 +101,35 @@ def settings_from(args, **extra):
     )
 
 
+def stream_settings(args) -> dict:
+    """The live-stream fields of ServeSettings, checked before any weights are loaded."""
+    from ..engine.plan import parse_bytes
+    from ..errors import InputError
+    from .streams import StreamPolicy
+
+    def names(text: str) -> list[str]:
+        return [name.strip() for name in text.split(",") if name.strip()]
+
+    if args.max_streams < 0:
+        raise InputError(f"--max-streams must be >= 0, got {args.max_streams}")
+    if not args.stream_max_fps > 0 or not args.stream_follow_idle > 0:
+        raise InputError("--stream-max-fps and --stream-follow-idle must be > 0")
+    if args.stream_dense_horizon is not None and not args.stream_dense_horizon > 0:
+        raise InputError(f"--stream-dense-horizon must be > 0 seconds, got {args.stream_dense_horizon}")
+    schemes, hosts = names(args.stream_url_schemes), names(args.stream_hosts)
+    StreamPolicy([], frozenset(schemes), frozenset(hosts))  # unknown schemes fail here, in one line
+    memory = args.stream_max_memory
+    return dict(
+        max_streams=args.max_streams,
+        stream_url_schemes=schemes,
+        stream_hosts=hosts,
+        stream_max_memory=None if memory is None else parse_bytes(memory, "--stream-max-memory"),
+        stream_dense_horizon=args.stream_dense_horizon,
+        stream_max_fps=args.stream_max_fps,
+        stream_follow_idle_s=args.stream_follow_idle,
+    )
+
+
 def run_serve(args) -> int:
     import uvicorn
 
@@ -82,6 +144,7 @@ def run_serve(args) -> int:
         allow_remote_urls=args.allow_remote_urls,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         timeout_s=args.timeout,
+        **stream_settings(args),
     )
     service = VideoChatService(settings)
     app = create_app(service)

@@ -1,6 +1,7 @@
 """The model behind the API and the UI: one worker thread runs one question at a time (the model is not
 re-entrant and a CPU has no spare cores to share), a bounded number of requests may wait, and pre-filled
-videos are cached so follow-up questions skip decoding and pre-fill."""
+videos are cached so follow-up questions skip decoding and pre-fill. Live streams (`streams.py`) pre-fill in
+their own reader threads; questions about them queue for the same worker."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from ..errors import Cancelled, VideoXL2Error
 from .cache import SessionCache, file_digest
@@ -37,6 +39,14 @@ class ServeSettings:
     max_frames_limit: int = 2048  # the most frames one request may ask for
     decode_threads: int | None = None  # how videos are read (the frames are the same either way)
     decode_workers: int = 1
+    # Live streams (POST /v1/streams): how many at once, which URLs may be watched, memory per stream.
+    max_streams: int = 2
+    stream_url_schemes: list[str] = field(default_factory=list)  # e.g. ["rtsp", "srt"]; none by default
+    stream_hosts: list[str] = field(default_factory=list)  # hosts those URLs may name; none by default
+    stream_max_memory: int | None = None  # KV bytes one stream may hold (LiveSession's max_memory)
+    stream_dense_horizon: float | None = None  # seconds of dense KV kept in memory (bounded mode)
+    stream_max_fps: float = 4.0  # the most frames per stream second a stream may ask for
+    stream_follow_idle_s: float = 2.0  # a followed file that has not grown for this long has ended
 
 
 def default_cache_bytes(model) -> int:
@@ -62,6 +72,7 @@ class Job:
     engine: dict = field(default_factory=dict)
     generation: dict = field(default_factory=dict)
     local_path: Path | None = None  # set by the in-process UI only: a file it already holds, no URL checks
+    stream_id: str | None = None  # a live stream (POST /v1/streams) instead of media_url
 
 
 class VideoChatService:
@@ -87,6 +98,9 @@ class VideoChatService:
             default_cache_bytes(self.model) if settings.cache_bytes is None else settings.cache_bytes
         )
         self.scratch = Path(tempfile.mkdtemp(prefix="videoxl2-serve-"))
+        from .streams import StreamManager
+
+        self.streams = StreamManager(self)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="videoxl2-model")
         self._admitted = 0
         self._lock = threading.Lock()
@@ -96,6 +110,8 @@ class VideoChatService:
         return self._admitted
 
     def close(self) -> None:
+        """Stop every stream (joining its reader), then the worker; idempotent."""
+        self.streams.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.scratch, ignore_errors=True)
 
@@ -181,6 +197,8 @@ class VideoChatService:
         from ..engine.session import VideoSession
         from ..engine.settings import EngineSettings
 
+        if job.stream_id is not None:
+            return self.answer_stream(job, on_text, cancel, queue_s)
         start = time.perf_counter()
         if job.local_path is not None:
             path = Path(job.local_path)
@@ -208,8 +226,12 @@ class VideoChatService:
                 on_token = self._streamer(on_text, cancel, job.generation)
                 answer = session.ask(job.question, job.history, job.generation, on_token=on_token)
         except VideoXL2Error as err:
-            if path.is_relative_to(self.scratch):  # never tell a client where the server keeps its files
+            # Never tell a client where the server keeps its files: an upload is "the uploaded video", a
+            # file:// path is the one the client sent, not what it resolved to (symlinks, `..`).
+            if path.is_relative_to(self.scratch):
                 err.args = (str(err).replace(str(path), f"the uploaded {job.media_kind}"),)
+            elif job.local_path is None and urlparse(job.media_url).scheme.lower() == "file":
+                err.args = (str(err).replace(str(path), unquote(urlparse(job.media_url).path)),)
             raise
         finally:
             if path.is_relative_to(self.scratch):
@@ -238,6 +260,59 @@ class VideoChatService:
                 timings=dict(
                     queue_s=round(queue_s, 4),
                     prepare_s=round(prepared - start, 4),
+                    answer_s=round(stats["answer_s"], 4),
+                    total_s=round(time.perf_counter() - start, 4),
+                ),
+            ),
+        )
+
+    def answer_stream(
+        self, job: Job, on_text=None, cancel: threading.Event | None = None, queue_s: float = 0.0
+    ) -> dict:
+        """Answer `job` from what its live stream has seen so far; the reader keeps appending meanwhile
+        (the session answers from a consistent snapshot)."""
+        import torch
+
+        start = time.perf_counter()
+        stream = self.streams.acquire(job.stream_id)
+        try:
+            status = stream.ingest.status()
+            on_token = self._streamer(on_text, cancel, job.generation)
+            with torch.inference_mode():
+                answer = stream.session.ask(job.question, job.history, job.generation, on_token=on_token)
+        except VideoXL2Error as err:
+            err.args = (stream.scrub(str(err)),)
+            raise
+        finally:
+            stream.release()
+        stats = answer.stats
+        max_new = int(job.generation.get("max_new_tokens", 256))
+        units = [
+            {k: u.get(k) for k in ("index", "start_seconds", "end_seconds", "dense", "score")}
+            for u in stats.get("units", [])
+        ]
+        video_tokens = stats.get("video_tokens", stats["kv_tokens"])
+        return dict(
+            text=answer.text,
+            finish_reason="length" if stats["new_tokens"] >= max_new else "stop",
+            prompt_tokens=int(video_tokens + stats["question_tokens"]),
+            completion_tokens=int(stats["new_tokens"]),
+            stats=dict(
+                stream_id=stream.id,
+                seconds_seen=float(stats["seconds_seen"]),
+                frames_seen=int(stats["frames_seen"]),
+                lag_s=status.get("lag_s"),
+                state=status.get("state"),
+                mode=stats["mode"],
+                frames=stats.get("frames", stats["frames_seen"]),
+                groups=stats.get("groups"),
+                kv_tokens=stats["kv_tokens"],
+                kv_bytes=stats["kv_bytes"],
+                dense_kv_bytes=stats.get("dense_kv_bytes"),
+                selected_units=[u for u in units if u["dense"]] if stats["mode"] == "bilevel" else [],
+                units=units,
+                timings=dict(
+                    queue_s=round(queue_s, 4),
                     answer_s=round(stats["answer_s"], 4),
                     total_s=round(time.perf_counter() - start, 4),
                 ),
