@@ -275,8 +275,39 @@ class KVStore:
     def int8(self) -> bool:
         return isinstance(self.key_buffers[0], Int8Rows)
 
+    @property
+    def capacity(self) -> int:
+        return int(self.key_buffers[0].shape[1])
+
     def nbytes(self) -> int:
         return sum(kv_nbytes(t) for t in (*self.keys, *self.values))
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every buffer as allocated (spare slots and the global copy included)."""
+        buffers = (*self.key_buffers, *self.value_buffers, *self.global_keys, *self.global_values)
+        return sum(kv_nbytes(t) for t in buffers)
+
+    def extend(self, length: int, global_count: int, spare: int = SPARE_TOKENS) -> None:
+        """Room for a longer video (a live session's stream grows): `length` video tokens plus `spare`, and
+        `global_count` global rows. A buffer that is short is re-allocated at twice its capacity (at least
+        what is needed), its filled part copied, so a stream of n tokens costs O(n) copying in all."""
+        if self.capacity < length + spare:
+            size = max(length + spare, 2 * self.capacity)
+            self.key_buffers = [_regrown(t, size, self.filled) for t in self.key_buffers]
+            self.value_buffers = [_regrown(t, size, self.filled) for t in self.value_buffers]
+        if self.global_keys and self.global_keys[0].shape[1] < global_count:
+            size = max(global_count, 2 * int(self.global_keys[0].shape[1]))
+            self.global_keys = [_regrown(t, size, self.global_filled) for t in self.global_keys]
+            self.global_values = [_regrown(t, size, self.global_filled) for t in self.global_values]
+        self.length = length
+        self.__post_init__()
+
+
+def _regrown(t, size: int, filled: int):
+    """`t` (kv_heads, n, D) re-allocated with `size` rows, its first `filled` rows copied."""
+    new = empty_kv((t.shape[0], size, t.shape[2]), t.dtype, t.device, isinstance(t, Int8Rows))
+    new[:, :filled] = t[:, :filled]
+    return new
 
 
 @dataclass
@@ -316,6 +347,7 @@ class StreamingPrefill:
         self.block_size = block_size
         self.prev_blocks = prev_blocks
         self.device = self.runner.device
+        self.spare = spare
         self.int8 = check_kv_dtype(kv_dtype)
         self.store = KVStore.allocate(
             self.runner, layout, self.runner.dtype, self.device, spare, chunked, self.int8
@@ -328,6 +360,46 @@ class StreamingPrefill:
             self.global_start.append(count)
             count += g.visual_start - g.time_start
         self.input_ids = upload(layout.input_ids, self.device)  # once, without blocking
+
+    def extend(self, layout: TokenLayout) -> None:
+        """Continue with `layout`, the layout of a longer video whose first groups are this one's (a live
+        stream: groups are added as frames arrive). The new groups' token ids are uploaded, their global
+        rows placed after the last ones, and the store grown (`KVStore.extend`); what is filled stays."""
+        old = self.layout
+        n = old.num_groups
+        if (
+            layout.video_start != old.video_start
+            or layout.num_groups < n
+            or layout.groups[:n] != old.groups
+            or layout.video_token_id != old.video_token_id
+            or not torch.equal(layout.input_ids[: old.video_end], old.input_ids[: old.video_end])
+        ):
+            raise ValueError("the new layout does not extend the pre-fill's layout")
+        count = self.global_count()
+        for g in layout.groups[n:]:
+            self.global_start.append(count)
+            count += g.visual_start - g.time_start
+        self.store.extend(layout.video_end, count, self.spare)
+        self.layout = layout
+        self.input_ids = upload(layout.input_ids, self.device)
+
+    def global_count(self) -> int:
+        """Rows of the global copy the layout's groups need (prefix and every group's time tokens)."""
+        if not self.layout.groups:
+            return self.layout.video_start
+        last = self.layout.groups[-1]
+        return self.global_start[-1] + last.visual_start - last.time_start
+
+    def mark(self) -> tuple:
+        """Where the pre-fill stands (groups done, filled rows, counters), for `rewind`."""
+        store, stats = self.store, self.stats
+        return (self.groups_done, store.filled, store.global_filled, stats.attention_pairs, stats.dense_pairs)
+
+    def rewind(self, mark: tuple) -> None:
+        """Forget the groups added since `mark` (a live session's temporary tail): their rows stay in the
+        buffers but count as empty, and the next groups overwrite them."""
+        store, stats = self.store, self.stats
+        self.groups_done, store.filled, store.global_filled, stats.attention_pairs, stats.dense_pairs = mark
 
     def _write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, spans) -> None:
         """Store the slice's K/V at [start, start + n), and its global rows (local [a, b) -> global g0)."""

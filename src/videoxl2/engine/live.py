@@ -1,0 +1,568 @@
+"""Live sessions: a video that arrives while it is being answered (a stream, a webcam, a growing file).
+
+Chunk-based pre-filling is causal, so a stream can be pre-filled as it arrives and end up exactly where a
+one-shot pre-fill of the same frames would (`VideoSession.from_frames(...).prefill()`), bit for bit. What
+makes it exact:
+
+* frames are encoded in the batches one-shot uses (`FRAME_BATCH`: one or more whole pre-fill blocks,
+  counted from the stream's first frame), so SigLIP, DTS and the projector see the same inputs; a batch is
+  committed (encoded and pre-filled) as soon as its last frame arrives, the frames after it wait;
+* the token layout only grows: the layout of the first n groups is a prefix of that of n + k groups (each
+  group's time text is tokenized on its own), so the pre-fill's layout and store are extended in place
+  (`StreamingPrefill.extend`, the store doubling its capacity when short);
+* a question asked with frames pending computes them as a temporary tail, exactly as one-shot computes a
+  video's last, shorter batch (its last group padded by the model): the tail is pre-filled into the store
+  past the committed part, the question answered, and the tail forgotten (`StreamingPrefill.rewind`), to be
+  overwritten when its batch completes. It is kept until the next append, so more questions about the same
+  frames reuse it.
+
+Threads: `append` (an ingest thread) and `ask` (another) may run at once. Every change to the session's
+state (pending frames, layout, store) and every answer take one lock; an answer holds it from the snapshot
+to its last token. It has to: a dense or chunked question runs on the pre-fill store itself, writing its
+tokens into the spare slots past the video, which are the slots the next committed block goes to. Vision
+encoding of a complete batch runs outside the lock (it touches no shared state), so a question waits at
+most for one block's LLM pre-fill, and a slow question delays ingestion only by its own length (`LiveIngest`
+keeps reading meanwhile).
+
+`LiveIngest` runs a source (`video.live.iter_live_frames`: standard input, a followed file, a URL) into a
+session in the background and reports how far ingestion is behind the stream's clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..prompt import IMAGE_MARKER, GroupSpan, TokenLayout, build_prompt, time_text
+from ..video.live import LiveStats, iter_live_frames
+from ..video.preprocess import preprocess_frames
+from .memory import VideoMemory
+from .prefill import SPARE_TOKENS, StreamingPrefill
+from .session import FRAME_BATCH, Answer, StageClock, VideoSession
+from .settings import EngineSettings
+
+LAG_SAMPLES = 100_000  # lag samples kept for the percentiles (a day at 1 fps); older ones are dropped
+POLL_S = 0.1  # how often the appender, waiting for frames, looks at the stop event
+
+
+class LayoutBuilder:
+    """The token layout of a growing video, built group by group exactly as `prompt.build_layout` builds
+    it for the whole video at once (prefix text, then per group its own time text and visual placeholders)."""
+
+    def __init__(self, tokenizer, tokens_per_group: int, video_token_id: int):
+        self.tokenizer = tokenizer
+        self.tokens_per_group = tokens_per_group
+        self.video_token_id = video_token_id
+        prefix_text = build_prompt("?").split(IMAGE_MARKER)[0]
+        self.ids: list[int] = self._encode(prefix_text)
+        self.video_start = len(self.ids)
+        self.groups: list[GroupSpan] = []
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def add(self, seconds: float) -> None:
+        time_start = len(self.ids)
+        self.ids += self._encode(time_text(seconds))
+        visual_start = len(self.ids)
+        self.ids += [self.video_token_id] * self.tokens_per_group
+        self.groups.append(GroupSpan(time_start, visual_start, len(self.ids), round(float(seconds), 1)))
+
+    def layout(self, groups: int | None = None) -> TokenLayout:
+        """The layout of the first `groups` groups (None: all), with no text after the video."""
+        groups = len(self.groups) if groups is None else groups
+        end = self.groups[groups - 1].end if groups else self.video_start
+        return TokenLayout(
+            input_ids=torch.tensor(self.ids[:end], dtype=torch.long),
+            groups=list(self.groups[:groups]),
+            video_start=self.video_start,
+            video_end=end,
+            video_token_id=self.video_token_id,
+            suffix_ids=torch.zeros(0, dtype=torch.long),
+        )
+
+
+class LiveSession:
+    """A video pre-filled as it arrives (`append`), answerable at any moment (`ask`) from everything seen so
+    far. See the module docstring for why its memory equals a one-shot pre-fill of the same frames."""
+
+    spare_tokens = SPARE_TOKENS  # store slots kept free past the video: a question's room (grown if short)
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings: EngineSettings | None = None,
+        source: str = "<stream>",
+        progress: bool | None = None,
+        dense_horizon: float | None = None,
+        max_memory: int | None = None,
+        spill_dir=None,
+    ):
+        if dense_horizon is not None or max_memory is not None:
+            raise InputError("bounded live memory (dense_horizon, max_memory) is not implemented yet")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings or EngineSettings.from_config(model.config)
+        self.source = source
+        self.progress = progress
+        self.dense_horizon, self.max_memory, self.spill_dir = dense_horizon, max_memory, spill_dir
+        config = model.config
+        self.per_group = config.frames_per_group
+        block = self.per_group * self.settings.block_size
+        self.batch_frames = max(1, FRAME_BATCH // block) * block  # as VideoSession.frames_per_batch
+        self.image_size = config.vision_config.image_size
+        self._lock = threading.RLock()  # session state and answers (see the module docstring)
+        self._append_lock = threading.Lock()  # one append or finish at a time
+        self._builder = LayoutBuilder(tokenizer, config.tokens_per_group, config.video_token_id)
+        with torch.inference_mode():  # the store's tensors are made and written in inference mode only
+            self.prefill = StreamingPrefill(
+                model,
+                self._builder.layout(),
+                self.settings.mode != "dense",
+                self.settings.block_size,
+                self.settings.prev_blocks,
+                spare=self.spare_tokens,
+                kv_dtype=self.settings.kv_dtype,
+            )
+            self.prefill.run_prefix()
+        self.timestamps: list[float] = []
+        self._pending: torch.Tensor | None = None  # preprocessed frames not yet committed
+        self._committed_frames = 0
+        self._tail = None  # (pre-fill mark, groups) of the computed tail, until the pending frames change
+        self._finished = False
+        self._closed = False
+        self._clock = StageClock(torch.device("cpu"))
+        self._bar = tqdm(
+            total=None, desc="live", unit="s", disable=None if progress is None else not progress
+        )
+
+    # -- state -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def frames_seen(self) -> int:
+        return len(self.timestamps)
+
+    @property
+    def seconds_seen(self) -> float:
+        """The timestamp of the last frame appended (0.0 before any): pending frames are answerable."""
+        return self.timestamps[-1] if self.timestamps else 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def pending_frames(self) -> int:
+        return 0 if self._pending is None else int(self._pending.shape[0])
+
+    def memory_bytes(self) -> int:
+        """Bytes of KV held in memory now: the pre-fill store's buffers as allocated (spare slots and the
+        global copy included). Read without the lock, so a status query never waits for an answer."""
+        prefill = self.prefill
+        return 0 if prefill is None else prefill.store.allocated_bytes()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InputError(f"{self.source}: the live session is closed")
+
+    # -- frames in -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def append(self, frames, timestamps) -> None:
+        """Add frames (F, H, W, 3) uint8 RGB with their stream times in seconds (non-decreasing, after the
+        last ones). Every batch this completes is encoded and pre-filled before returning."""
+        frames = np.asarray(frames)
+        stamps = [float(t) for t in np.atleast_1d(np.asarray(timestamps, dtype=np.float64))]
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise InputError(
+                f"{self.source}: frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}"
+            )
+        if len(stamps) != frames.shape[0]:
+            raise InputError(
+                f"{self.source}: {frames.shape[0]} frames but {len(stamps)} timestamps (one each expected)"
+            )
+        if not frames.shape[0]:
+            return
+        if not all(math.isfinite(t) and t >= 0 for t in stamps) or any(
+            b < a for a, b in zip(stamps, stamps[1:])
+        ):
+            raise InputError(
+                f"{self.source}: timestamps must be finite, >= 0 and non-decreasing, got {stamps}"
+            )
+        with self._append_lock:
+            with self._lock:
+                self._check_open()
+                if self._finished:
+                    raise InputError(
+                        f"{self.source}: the stream has ended (finish() was called), cannot append"
+                    )
+                if self.timestamps and stamps[0] < self.timestamps[-1]:
+                    raise InputError(
+                        f"{self.source}: timestamp {stamps[0]} is before the last one appended "
+                        f"({self.timestamps[-1]})"
+                    )
+            pixels = preprocess_frames(frames, image_size=self.image_size)
+            with self._lock:
+                self._drop_tail()
+                self._pending = pixels if self._pending is None else torch.cat([self._pending, pixels])
+                for i, t in enumerate(stamps, start=len(self.timestamps)):
+                    if i % self.per_group == 0:
+                        self._builder.add(t)
+                self.timestamps += stamps
+                self.prefill.extend(self._builder.layout())
+            while self.pending_frames >= self.batch_frames:
+                self._commit(self.batch_frames)
+            self._bar.update(self.seconds_seen - self._bar.n)
+
+    @torch.inference_mode()
+    def finish(self) -> None:
+        """End of stream: the pending frames are committed as the last (shorter) batch, as one-shot pre-fill
+        ends a video. Later appends are refused; questions still work. Idempotent."""
+        with self._append_lock:
+            with self._lock:
+                self._check_open()
+                if self._finished:
+                    return
+                self._finished = True
+                self._drop_tail()
+            if self.pending_frames:
+                self._commit(self.pending_frames)
+            self._bar.close()
+
+    @torch.inference_mode()
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self._clock("vision_s"):
+            return self.model.encode_video(pixels.to(self.device, self.dtype))
+
+    @torch.inference_mode()
+    def _prefill_groups(self, embeds: torch.Tensor) -> None:
+        """Pre-fill groups block by block, as `VideoSession.prefill` does with a batch."""
+        step = self.settings.block_size
+        with self._clock("prefill_s"):
+            for offset in range(0, embeds.shape[0], step):
+                self.prefill.add_groups(embeds[offset : offset + step])
+
+    def _commit(self, count: int) -> None:
+        """Encode the first `count` pending frames (outside the lock) and pre-fill them for good."""
+        with self._lock:
+            pixels = self._pending[:count]
+        embeds = self._encode(pixels)
+        with self._lock:
+            self._drop_tail()
+            self._prefill_groups(embeds)
+            rest = self._pending[count:]
+            self._pending = rest if rest.shape[0] else None
+            self._committed_frames += count
+
+    def _drop_tail(self) -> None:
+        if self._tail is not None:
+            self.prefill.rewind(self._tail[0])
+            self._tail = None
+
+    def _ensure_tail(self) -> int:
+        """Groups answerable now: the committed ones plus, if frames are pending, a temporary tail computed
+        into the store after them (kept until the pending frames change). Call with the lock held."""
+        if self._tail is not None:
+            return self._tail[1]
+        committed = self.prefill.groups_done
+        if not self.pending_frames:
+            return committed
+        mark = self.prefill.mark()
+        embeds = self._encode(self._pending)
+        try:
+            self._prefill_groups(embeds)
+        except BaseException:
+            self.prefill.rewind(mark)
+            raise
+        self._tail = (mark, self.prefill.groups_done)
+        return self._tail[1]
+
+    # -- questions -----------------------------------------------------------------------------------------
+    def _memory(self, groups: int) -> VideoMemory:
+        """A memory over the first `groups` groups of the store (its buffers, not a copy)."""
+        store, settings = self.prefill.store, self.settings
+        layout = self._builder.layout(groups)
+        return VideoMemory(
+            layout, store.key_buffers, store.value_buffers, settings.unit_size, settings.compression
+        )
+
+    @contextmanager
+    def snapshot(self):
+        """A `VideoSession` over everything seen so far (the pending tail included), valid inside the `with`:
+        the session's lock is held, so appends wait. It answers like any session (`ask`, or tools taking a
+        session such as `eval.lmms_plugin.continuation_logprob`)."""
+        with self._lock:
+            self._check_open()
+            if not self.timestamps:
+                raise InputError(f"{self.source}: no frames seen yet, nothing to answer from")
+            groups = self._ensure_tail()
+            frames = min(len(self.timestamps), groups * self.per_group)
+            memory = self._memory(groups)
+            view = VideoSession.__new__(VideoSession)
+            view.model, view.tokenizer, view.settings = self.model, self.tokenizer, self.settings
+            view.source, view.progress, view.timestamps = self.source, False, self.timestamps[:frames]
+            view._frame_batches = None
+            view.group_seconds = [g.seconds for g in memory.layout.groups]
+            view.layout = memory.layout
+            view.memory_estimate = None
+            view.read_stats = None
+            view._clock = StageClock(torch.device("cpu"))
+            view.memory, view.runner = memory, self.prefill.runner
+            actual, dense = self.prefill.stats.flops(self.prefill.runner)
+            view.stats = dict(
+                frames=frames,
+                groups=groups,
+                frames_seen=frames,
+                seconds_seen=view.timestamps[-1],
+                committed_frames=self._committed_frames,
+                pending_frames=frames - self._committed_frames,
+                video_tokens=memory.layout.video_end,
+                prefill_attention_flops=actual,
+                dense_attention_flops=dense,
+                dense_kv_bytes=memory.dense_bytes(),
+                sparse_kv_bytes=memory.sparse_size_bytes(),
+                **self._clock.totals(),
+            )
+            yield view
+
+    def ask(
+        self, question: str, history=None, generation_config: dict | None = None, units=None, on_token=None
+    ) -> Answer:
+        """Answer from everything seen so far (as `VideoSession.ask`); the stats add `seconds_seen` and
+        `frames_seen` (what the answer saw) and the units with their scores."""
+        with self.snapshot() as view:
+            return view.ask(question, history, generation_config, units, on_token)
+
+    def save_memory(self, path, metadata: dict | None = None) -> Path:
+        """Write the memory of everything seen (`VideoMemory.save`): after `finish()` all of it is committed;
+        mid-stream the pending frames are in it as the tail a question would see. The engine settings, the
+        source and the seconds seen go into the metadata (the caller's keys win)."""
+        with self.snapshot() as view:
+            extra = dict(
+                settings=asdict(self.settings),
+                source=self.source,
+                seconds_seen=view.stats["seconds_seen"],
+                frames=view.stats["frames"],
+            )
+            extra.update(metadata or {})
+            return view.memory.save(path, extra)
+
+    def close(self) -> None:
+        """Free the store and pending frames; later calls refuse. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._bar.close()
+            self.prefill = None
+            self._pending = None
+            self._tail = None
+
+    def __enter__(self) -> LiveSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LiveIngest:
+    """A live source read into a session in the background.
+
+    Two threads: a reader (`iter_live_frames` at `fps`) puts frames in a queue as they are decoded, and an
+    appender gives the session whatever has arrived (up to one batch) at a time, so a slow model delays
+    answerability but never makes the reader miss frames. At the end of the stream, a dropped source or
+    `stop()`, what arrived is appended and the session finished: the memory seen so far answers.
+
+    Lag: the stream clock is the first frame's time plus the wall time since it arrived. A frame's lag is
+    the stream clock when it became answerable (appended) minus its own time, or, for a source faster than
+    real time (a file already written), the wall time from its arrival to answerable if that is longer.
+    `status()` gives the lag now (stream clock minus the seconds answerable, or the age of the oldest frame
+    waiting to be appended if longer; the last sample once the stream is over) and the percentiles of the
+    frames' lags (nearest rank, over the last `LAG_SAMPLES` frames)."""
+
+    def __init__(
+        self, session: LiveSession, source, fps: float = 1.0, follow_idle_s: float = 2.0, threads=None
+    ):
+        if not fps > 0:
+            raise InputError(f"fps must be > 0, got {fps}")
+        self.session = session
+        self.source = str(source)
+        self.fps, self.follow_idle_s, self.threads = float(fps), follow_idle_s, threads
+        self.stats = LiveStats()
+        self.done = threading.Event()
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue()
+        self._state = "starting"
+        self._error: str | None = None
+        self._first: tuple[float, float] | None = None  # (wall clock, stream seconds) of the first frame
+        self._lags: list[float] = []
+        self._waiting: float | None = None  # arrival (wall clock) of the oldest frame being appended
+        self._reader: threading.Thread | None = None
+        self._appender: threading.Thread | None = None
+        self._status_lock = threading.Lock()
+
+    def start(self) -> LiveIngest:
+        if self._reader is not None:
+            raise InputError("this ingest was started already")
+        self._reader = threading.Thread(target=self._read, name="live-reader", daemon=True)
+        self._appender = threading.Thread(target=self._append_loop, name="live-append", daemon=True)
+        self._reader.start()
+        self._appender.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop reading; frames already read are appended and the session finished."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for both threads; True if they have ended."""
+        return self.done.wait(timeout)
+
+    def _fail(self, err: BaseException) -> None:
+        with self._status_lock:
+            if self._error is None:
+                text = str(err).strip().splitlines()
+                self._error = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+                self._state = "failed"
+        self._stop.set()
+
+    def _read(self) -> None:
+        try:
+            for frame, seconds in iter_live_frames(
+                self.source, self.fps, self._stop, self.stats, self.follow_idle_s, self.threads
+            ):
+                now = time.monotonic()
+                with self._status_lock:
+                    if self._first is None:
+                        self._first = (now, seconds)
+                        if self._state == "starting":
+                            self._state = "running"
+                self._queue.put((frame, seconds, now))
+        except BaseException as err:  # noqa: BLE001 (kept as the one-line error, never lost)
+            self._fail(err)
+        finally:
+            self._queue.put(None)
+
+    def _take(self) -> tuple[list, bool]:
+        """Frames that have arrived (waiting for at least one), up to one batch; True once there will be no
+        more (the reader ended, or `stop()` and nothing is left in the queue)."""
+        items, limit = [], self.session.batch_frames
+        while not items:
+            try:
+                item = self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return items, True
+                continue
+            if item is None:
+                return items, True
+            items.append(item)
+        while len(items) < limit:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return items, True
+            items.append(item)
+        return items, False
+
+    def _append_loop(self) -> None:
+        session = self.session
+        try:
+            ended = False
+            while not ended:
+                items, ended = self._take()
+                if items:
+                    self._waiting = items[0][2]
+                    for run in _same_shape_runs(items):  # a stream may change resolution
+                        session.append(np.stack([f for f, _, _ in run]), [s for _, s, _ in run])
+                    now = time.monotonic()
+                    with self._status_lock:
+                        wall, first = self._first
+                        for _, seconds, arrived in items:
+                            self._lags.append(max(first + now - wall - seconds, now - arrived))
+                        del self._lags[:-LAG_SAMPLES]
+                        self._waiting = None
+            session.finish()
+            with self._status_lock:
+                if self._state != "failed":
+                    self._state = "stopped" if self._stop.is_set() else "ended"
+        except BaseException as err:  # noqa: BLE001 (kept as the one-line error, never lost)
+            self._fail(err)
+            with contextlib.suppress(Exception):
+                session.finish()  # what was appended still answers
+        finally:
+            # The reader is not waited for: blocked on a silent source (standard input) it ends at its next
+            # frame or at the source's end, seeing the stop event (a followed file or URL within its timeout).
+            self.done.set()
+
+    def _oldest_queued(self) -> float | None:
+        """Arrival time of the oldest frame waiting in the queue (a peek at its head)."""
+        with self._queue.mutex:
+            head = self._queue.queue[0] if self._queue.queue else None
+        return None if head is None else head[2]
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def status(self) -> dict:
+        session = self.session
+        with self._status_lock:
+            lags = sorted(self._lags)
+            first, state = self._first, self._state
+        seen = session.seconds_seen
+        if state == "running" and first is not None:
+            now, waiting = time.monotonic(), self._waiting
+            if waiting is None:
+                waiting = self._oldest_queued()
+            lag = max(first[1] + now - first[0] - seen, 0.0 if waiting is None else now - waiting)
+        else:
+            lag = self._lags[-1] if self._lags else 0.0
+        return dict(
+            state=state,
+            seconds_seen=seen,
+            frames_seen=session.frames_seen,
+            lag_s=max(0.0, lag),
+            lag_p50_s=_percentile(lags, 0.5),
+            lag_p95_s=_percentile(lags, 0.95),
+            memory_bytes=session.memory_bytes(),
+            ended=self.stats.ended,
+            error=self._error,
+        )
+
+
+def _same_shape_runs(items: list) -> list[list]:
+    runs: list[list] = []
+    for item in items:
+        if runs and runs[-1][-1][0].shape == item[0].shape:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile of sorted `values` (nearest rank), None if there are none."""
+    if not values:
+        return None
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
