@@ -439,3 +439,32 @@ def test_a_file_url_error_names_the_clients_path_not_the_resolved_one(server, fo
     reply = client.post("/v1/chat/completions", json=body)
     assert reply.status_code == 422, reply.text
     assert "alias.mp4" in reply.text and "notavideo.ts" not in reply.text, reply.text
+
+
+def test_stream_flags():
+    import argparse
+
+    from videoxl2.errors import InputError
+    from videoxl2.serve.command import add_serve_arguments, stream_settings
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(
+        ["--stream-url-schemes", "rtsp, srt", "--stream-hosts", "cam1.lan,10.0.0.7", "--max-streams", "3",
+         "--stream-max-memory", "512MiB", "--stream-dense-horizon", "60"]
+    )  # fmt: skip
+    assert stream_settings(args) == dict(
+        max_streams=3, stream_url_schemes=["rtsp", "srt"], stream_hosts=["cam1.lan", "10.0.0.7"],
+        stream_max_memory=512 * 2**20, stream_dense_horizon=60.0, stream_max_fps=4.0,
+        stream_follow_idle_s=2.0,
+    )  # fmt: skip
+    defaults = stream_settings(parser.parse_args([]))
+    assert defaults["stream_url_schemes"] == [] and defaults["stream_hosts"] == []
+    assert defaults["max_streams"] == 2 and defaults["stream_max_memory"] is None
+    for bad, words in [
+        (["--stream-url-schemes", "rtsp,gopher"], "unknown scheme 'gopher'"),
+        (["--stream-max-memory", "lots"], "--stream-max-memory 'lots'"),
+        (["--stream-max-fps", "0"], "--stream-max-fps"),
+    ]:
+        with pytest.raises(InputError, match=words):
+            stream_settings(parser.parse_args(bad))

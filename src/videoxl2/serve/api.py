@@ -51,7 +51,8 @@ def conversation(request: ChatRequest) -> Job:
     if len(media) != 1:
         raise ServeError(
             400,
-            f"a conversation needs exactly one video_url, image_url or video_stream part, found {len(media)}",
+            "a conversation needs exactly one video_url or image_url part (or one video_stream), "
+            f"found {len(media)}",
         )
     fixed = request.video_fields_set()
     if media[0][1] == "stream" and fixed:
