@@ -75,6 +75,20 @@ def test_fingerprint_tells_checkpoints_apart(tiny, other, tiny_checkpoint):
     assert identity["architecture"]["rope"]["rope_theta"] == 10000.0
 
 
+def test_fingerprint_reads_offloaded_weights(tiny, tmp_path):
+    """A model whose layer 1 sits on disk (accelerate hooks, parameters on the meta device) is the same model:
+    its weights are read from the hook's map."""
+    from videoxl2.modeling.offload import dispatch
+
+    model = tiny[0]
+    device_map = {name: "cpu" for name, _ in model.named_children() if name != "language_model"}
+    device_map.update({"language_model.model": "cpu", "language_model.lm_head": "cpu"})
+    device_map["language_model.model.layers.1"] = "disk"
+    offloaded = dispatch(copy.deepcopy(model), device_map, tmp_path)
+    assert offloaded.language_model.model.layers[1].mlp.up_proj.weight.device.type == "meta"
+    assert weights_fingerprint(offloaded) == weights_fingerprint(model)
+
+
 def test_header_records_model_settings_and_frames(tiny, tmp_path):
     session = session_of(tiny, settings_for("chunked"))
     path = session.save_memory(tmp_path / "clip.memory.safetensors", {"note": "mine"})
