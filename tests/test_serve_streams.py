@@ -468,3 +468,20 @@ def test_stream_flags():
     ]:
         with pytest.raises(InputError, match=words):
             stream_settings(parser.parse_args(bad))
+
+
+def test_delete_while_an_answer_holds_the_stream_frees_it_after(server, folders):
+    """DELETE takes the stream out at once and joins its reader; the memory an answer in progress still
+    reads is freed when that answer lets go, not under it."""
+    client, service = server
+    root, _ = folders
+    ident = client.post("/v1/streams", json={"source": str(root / "clip.mp4")}).json()["id"]
+    wait_for(client, ident, lambda s: s["frames_seen"] > 0)
+    held = service.streams.acquire(ident)  # what the worker does around `ask`
+    assert client.delete(f"/v1/streams/{ident}").status_code == 200
+    assert held.ingest.done.is_set() and held.session.prefill is not None
+    assert_error(ask(client, ident), 404, "no stream")
+    with held.session.snapshot() as view:  # still readable by its holder
+        assert view.stats["frames_seen"] > 0
+    held.release()
+    assert held.session.prefill is None and not held.spill_dir.exists()

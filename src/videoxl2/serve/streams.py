@@ -129,7 +129,7 @@ class LiveStream:
 
     def status(self) -> dict:
         status = dict(self.ingest.status())
-        limit = getattr(self.session, "memory_limit", None)
+        limit = self.session.memory_limit or getattr(self.session, "max_memory", None)
         return {
             "id": self.id,
             "object": "stream",
@@ -187,8 +187,9 @@ class LiveStream:
 
 @functools.cache
 def limited_session_class():
-    """LiveSession that stops taking frames once its memory is over the server's per-stream limit: the
-    append that crosses it is kept, the reader fails with "memory limit", and what was seen still answers."""
+    """LiveSession that, given a `memory_limit` (where the engine could not take the limit as its own
+    bound), stops taking frames once its memory is over it: the append that crosses it is kept, the reader
+    fails with "memory limit", and what was seen still answers."""
     from ..engine.live import LiveSession
 
     class LimitedLiveSession(LiveSession):
@@ -291,13 +292,13 @@ class StreamManager:
         )  # fmt: skip
         limit = settings.stream_max_memory
         try:
-            session = make(model, self.service.tokenizer, max_memory=limit, **kwargs)
+            return make(model, self.service.tokenizer, max_memory=limit, **kwargs)
         except InputError as err:
             if limit is None or settings.stream_dense_horizon is not None:
                 raise
             log.info("streams: max_memory not taken by the live engine (%s); enforcing it by stopping", err)
-            session = make(model, self.service.tokenizer, **kwargs)
-        session.memory_limit = limit
+        session = make(model, self.service.tokenizer, **kwargs)
+        session.memory_limit = limit  # the engine keeps everything: stop reading once over the limit
         return session
 
     def get(self, ident: str) -> LiveStream:
