@@ -89,6 +89,27 @@ def test_fingerprint_reads_offloaded_weights(tiny, tmp_path):
     assert weights_fingerprint(offloaded) == weights_fingerprint(model)
 
 
+def test_quantized_weights_are_another_model(tiny, tmp_path):
+    """int8 weights (torchao) make other KV: a float model's memory is refused by the quantized model and
+    back; two models quantized alike share one identity and answer alike."""
+    pytest.importorskip("torchao", reason="torchao is not installed")
+    from videoxl2.modeling.quantize import quantize_model
+
+    model, tokenizer = tiny
+    quantized, again = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_model(quantized, "int8")
+    quantize_model(again, "int8")
+    assert model_identity(quantized) == model_identity(again) != model_identity(model)
+    float_memory = session_of(tiny, settings_for("chunked")).save_memory(tmp_path / "float.safetensors")
+    with pytest.raises(InputError, match="weight quantization none vs this model's int8"):
+        VideoSession.from_memory(quantized, tokenizer, float_memory)
+    writer = session_of((quantized, tokenizer), settings_for("chunked"))
+    path = writer.save_memory(tmp_path / "int8.safetensors")
+    with pytest.raises(InputError, match="weight quantization int8 vs this model's none"):
+        VideoSession.from_memory(model, tokenizer, path)
+    assert answers(VideoSession.from_memory(again, tokenizer, path)) == answers(writer)
+
+
 def test_header_records_model_settings_and_frames(tiny, tmp_path):
     session = session_of(tiny, settings_for("chunked"))
     path = session.save_memory(tmp_path / "clip.memory.safetensors", {"note": "mine"})

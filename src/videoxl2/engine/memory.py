@@ -656,7 +656,8 @@ def identity_mismatch(recorded: dict, model) -> str | None:
             f"{k} {theirs.get(k)!r} vs this model's {ours.get(k)!r}" for k in fields
         )
     if recorded.get("quantize") != here["quantize"]:
-        return f"weights quantized {recorded.get('quantize')} vs this model's {here['quantize']}"
+        theirs, ours = recorded.get("quantize") or "none", here["quantize"] or "none"
+        return f"weight quantization {theirs} vs this model's {ours}"
     if recorded.get("weights") != here["weights"]:
         return f"weights fingerprint {recorded.get('weights')} vs this model's {here['weights']}"
     return None
