@@ -124,3 +124,15 @@ def test_device_map_with_quantize_is_refused(tiny_checkpoint):
 
     with pytest.raises(CheckpointError, match="quantize and device_map together"):
         load_model(tiny_checkpoint, quantize="int8", device_map="auto")
+
+
+def test_serve_takes_a_device_map():
+    import argparse
+
+    from videoxl2.serve.command import add_serve_arguments, settings_from
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--device-map", '{"language_model.lm_head": "disk"}', "--offload-folder", "/x"])
+    settings = settings_from(args)
+    assert settings.device_map == {"language_model.lm_head": "disk"} and settings.offload_folder == "/x"

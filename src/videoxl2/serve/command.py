@@ -13,9 +13,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
-    from ..cli import _add_quantize_args
+    from ..cli import _add_placement_args, _add_quantize_args
 
     _add_quantize_args(parser)
+    _add_placement_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="default loopback only; 0.0.0.0 exposes it")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -82,6 +83,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args, **extra):
+    from ..cli import _quantize_kwargs
     from ..errors import InputError
     from .service import ServeSettings
 
@@ -91,8 +93,7 @@ def settings_from(args, **extra):
         model=args.model,
         device=args.device,
         dtype=args.dtype,
-        quantize=args.quantize,
-        quantize_vision=args.quantize_vision,
+        **_quantize_kwargs(args),
         media_roots=args.media_root,
         max_frames_limit=args.max_frames_limit,
         decode_threads=args.decode_threads,

@@ -29,6 +29,8 @@ class ServeSettings:
     dtype: str | None = None
     quantize: str | None = None  # weight-only "int8" / "int4" through torchao (load_model's quantize=)
     quantize_vision: bool = False
+    device_map: str | dict | None = None  # weights spread or offloaded by accelerate (load_model's)
+    offload_folder: str | None = None
     media_roots: list[str] = field(default_factory=list)
     api_key: str | None = None
     max_queue: int = 8  # requests admitted at once (running + waiting); more get 429
@@ -87,6 +89,8 @@ class VideoChatService:
                 settings.dtype,
                 quantize=settings.quantize,
                 quantize_vision=settings.quantize_vision,
+                device_map=settings.device_map,
+                offload_folder=settings.offload_folder,
             )
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
