@@ -238,6 +238,11 @@ def test_prefill_settings_it_cannot_honour_are_refused(tiny, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk" * 8)
     with pytest.raises(InputError, match="junk.safetensors: not a videoxl2 memory file"):
         VideoSession.from_memory(model, tokenizer, tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "bare.safetensors", metadata={"videoxl2": '{"format": 1}'})
+    with pytest.raises(InputError, match="bare.safetensors: unreadable memory header .KeyError..unit_size"):
+        VideoSession.from_memory(model, tokenizer, tmp_path / "bare.safetensors")
 
 
 def test_in_memory_form(tiny):

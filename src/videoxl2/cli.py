@@ -181,7 +181,7 @@ def run_chat(args) -> int:
 
     from . import load_model, load_tokenizer
     from .engine.memory import memory_header
-    from .engine.session import VideoSession, recorded_settings
+    from .engine.session import VideoSession
     from .engine.settings import EngineSettings
 
     header = memory_header(args.video)  # a videoxl2 memory file; anything else is a video or image
@@ -191,15 +191,12 @@ def run_chat(args) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, **_quantize_kwargs(args))
     tokenizer = load_tokenizer(args.model)
     load_s = time.perf_counter() - start
-    if header is None:
-        settings = EngineSettings.from_config(model.config, **_engine_overrides(args))
-    else:  # what the memory records, with the per-question knobs given here (pre-fill ones must agree)
-        settings = recorded_settings(header, model).with_overrides(**_engine_overrides(args))
     generation = dict(max_new_tokens=args.max_new_tokens)
     if args.temperature > 0:
         generation.update(do_sample=True, temperature=args.temperature)
     with torch.inference_mode():
         if header is None:
+            settings = EngineSettings.from_config(model.config, **_engine_overrides(args))
             session = VideoSession.from_path(
                 model,
                 tokenizer,
@@ -213,7 +210,8 @@ def run_chat(args) -> int:
                 decode_workers=args.decode_workers,
             )
         else:
-            session = VideoSession.from_memory(model, tokenizer, args.video, settings)
+            # what the memory records, with the knobs given here (pre-fill ones must agree with it)
+            session = VideoSession.from_memory(model, tokenizer, args.video, _engine_overrides(args))
         units = external_units(args, session.settings, session)
         answer = session.ask(args.question, generation_config=generation, units=units)
         saved = session.save_memory(args.save_memory) if args.save_memory else None

@@ -464,9 +464,12 @@ class VideoMemory:
         """The header fields saying where this memory came from (see `save`)."""
         origin = {}
         if model is not None:
-            self.check_model(LayerRunner(model))
+            dtype = model.get_input_embeddings().weight.dtype
+            if dtype != self.dtype and not self.int8:
+                held, computes = dtype_name(self.dtype), dtype_name(dtype)
+                raise ConfigError(f"this memory holds {held} KV, the model computes in {computes}")
             origin["model"] = model_identity(model)
-            origin["compute_dtype"] = dtype_name(model.get_input_embeddings().weight.dtype)
+            origin["compute_dtype"] = dtype_name(dtype)
         elif not self.int8:
             origin["compute_dtype"] = dtype_name(self.dtype)
         if settings is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -302,7 +302,12 @@ class VideoSession:
                 raise InputError(
                     f"{path}: made by another model ({why}): reopen it with the model that wrote it"
                 )
-        settings = reopen_settings(path, header, model, settings)
+        try:
+            settings = reopen_settings(path, header, model, settings)
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, InputError) and str(err).startswith(str(path)):
+                raise
+            raise InputError(f"{path}: unreadable memory header ({err!r})") from err
         device = "cpu" if settings.offload else model.get_input_embeddings().weight.device
         dtype = model.get_input_embeddings().weight.dtype
         start = time.perf_counter()
@@ -521,7 +526,8 @@ def recorded_settings(header: dict, model) -> EngineSettings:
     engine = header.get("engine")
     if engine is None:
         return EngineSettings.from_config(model.config).with_overrides(**held)
-    return EngineSettings(**{**engine, **held})
+    known = {f.name for f in fields(EngineSettings)}
+    return EngineSettings(**{**{k: v for k, v in engine.items() if k in known}, **held})
 
 
 def reopen_settings(path, header: dict, model, wanted: EngineSettings | dict | None) -> EngineSettings:
