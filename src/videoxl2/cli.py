@@ -56,8 +56,8 @@ def _add_quantize_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _quantize_kwargs(args) -> dict:
-    """load_model's quantize=, quantize_vision=, device_map= and offload_folder= from the parsed flags."""
+def _weight_kwargs(args) -> dict:
+    """load_model's weight options (quantize, quantize_vision, device_map, offload_folder) from the flags."""
     from .modeling.offload import parse_device_map
 
     device_map = getattr(args, "device_map", None)
@@ -188,7 +188,7 @@ def run_chat(args) -> int:
     if header is None:
         check_media(args.video, args.max_frames, args.fps, args.max_fps)  # fail fast, before loading weights
     start = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype, **_quantize_kwargs(args))
+    model = load_model(args.model, device=args.device, dtype=args.dtype, **_weight_kwargs(args))
     tokenizer = load_tokenizer(args.model)
     load_s = time.perf_counter() - start
     generation = dict(max_new_tokens=args.max_new_tokens)

@@ -295,14 +295,14 @@ def run(args) -> int:
     import torch
 
     from .. import load_model, load_tokenizer
-    from ..cli import _engine_overrides, _quantize_kwargs
+    from ..cli import _engine_overrides, _weight_kwargs
     from .live import LiveIngest, LiveSession
     from .settings import EngineSettings
 
     check_args(args)
     check_source(args.source)  # fail fast, before loading weights
     max_memory = max_memory_bytes(args)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, **_quantize_kwargs(args))
+    model = load_model(args.model, device=args.device, dtype=args.dtype, **_weight_kwargs(args))
     tokenizer = load_tokenizer(args.model)
     settings = EngineSettings.from_config(model.config, **_engine_overrides(args))
     session = LiveSession(

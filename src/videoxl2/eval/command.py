@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..cli import _engine_overrides, _quantize_kwargs
+    from ..cli import _engine_overrides, _weight_kwargs
     from .benchmarks import Options
     from .runner import EvalSettings, run_eval
 
@@ -81,7 +81,7 @@ def run(args) -> int:
         engine={k: v for k, v in _engine_overrides(args).items() if v is not None},
         device=args.device,
         dtype=args.dtype,
-        **_quantize_kwargs(args),
+        **_weight_kwargs(args),
         limit=args.limit,
         resume=args.resume,
         overwrite=args.overwrite,

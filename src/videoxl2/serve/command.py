@@ -83,7 +83,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args, **extra):
-    from ..cli import _quantize_kwargs
+    from ..cli import _weight_kwargs
     from ..errors import InputError
     from .service import ServeSettings
 
@@ -93,7 +93,7 @@ def settings_from(args, **extra):
         model=args.model,
         device=args.device,
         dtype=args.dtype,
-        **_quantize_kwargs(args),
+        **_weight_kwargs(args),
         media_roots=args.media_root,
         max_frames_limit=args.max_frames_limit,
         decode_threads=args.decode_threads,
