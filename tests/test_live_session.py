@@ -14,10 +14,11 @@ import av
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from videoxl2.engine.live import LayoutBuilder, LiveIngest, LiveSession
 from videoxl2.engine.memory import VideoMemory
-from videoxl2.engine.prefill import KVStore, LayerRunner
+from videoxl2.engine.prefill import KVStore, LayerRunner, kv_nbytes
 from videoxl2.engine.session import VideoSession
 from videoxl2.engine.settings import EngineSettings
 from videoxl2.errors import InputError
@@ -345,3 +346,127 @@ def test_stopping_an_ingest_keeps_what_was_seen(tiny, tmp_path):
     status = ingest.status()
     assert status["state"] == "stopped" and live.finished and status["frames_seen"] >= 3
     assert live.ask(QUESTION, generation_config=GENERATION).stats["frames_seen"] == status["frames_seen"]
+
+
+# -- bounded memory ------------------------------------------------------------------------------------------
+def bounded_settings() -> EngineSettings:
+    return EngineSettings(mode="bilevel", block_size=2, prev_blocks=1, unit_size=2, topk=1)
+
+
+def stream_frames(count: int, seed: int = 7) -> tuple[np.ndarray, list[float]]:
+    """`count` frames at 1 fps."""
+    frames = np.random.default_rng(seed).integers(0, 256, (count, 24, 24, 3), dtype=np.uint8)
+    return frames, [float(i) for i in range(count)]
+
+
+def test_bounded_mode_before_any_spill_answers_as_exact_mode(tiny, tmp_path):
+    model, tokenizer = tiny
+    settings = bounded_settings()
+    frames, stamps = make_frames()
+    bounded = LiveSession(model, tokenizer, settings, progress=False, dense_horizon=1e9, spill_dir=tmp_path)
+    for count in (21, 37):
+        bounded.append(frames[len(bounded.timestamps) : count], stamps[len(bounded.timestamps) : count])
+        fresh = one_shot(tiny, frames[:count], stamps[:count], settings)
+        expected = fresh.ask(QUESTION, generation_config=GENERATION)
+        answer = bounded.ask(QUESTION, generation_config=GENERATION)
+        assert answer.token_ids == expected.token_ids and answer.stats["spilled_units"] == 0
+        assert [u["score"] for u in answer.stats["units"]] == [u["score"] for u in expected.stats["units"]]
+        assert answer.stats["kv_bytes"] == expected.stats["kv_bytes"] and answer.stats["reloaded_units"] == []
+        with bounded.snapshot() as view:
+            for layer, (a, b) in enumerate(zip(view.memory.sparse_keys, fresh.memory.sparse_keys)):
+                rows = b.shape[1]
+                assert torch.equal(a[:, :rows], b), f"sparse keys of layer {layer} after {count} frames"
+            for a, b in zip(view.memory.sparse_values, fresh.memory.sparse_values):
+                assert torch.equal(a[:, : b.shape[1]], b)
+            got = continuation_logprob(view, QUESTION, " a red square")
+        assert got == continuation_logprob(fresh, QUESTION, " a red square")
+    bounded.close()
+
+
+def test_bounded_mode_spills_old_units_and_reloads_the_selected(tiny, tmp_path):
+    model, tokenizer = tiny
+    settings = bounded_settings()
+    frames, stamps = stream_frames(96)
+    live = LiveSession(model, tokenizer, settings, progress=False, dense_horizon=12.0, spill_dir=tmp_path)
+    reference = one_shot(tiny, frames, stamps, settings)
+    first_spill = None
+    for start in range(0, 96, 5):
+        live.append(frames[start : start + 5], stamps[start : start + 5])
+        if live.spilled_units and first_spill is None:
+            first_spill = live.frames_seen
+    assert live.spilled_units >= 8, live.spilled_units
+    files = sorted(tmp_path.glob("live-*/unit-*.safetensors"))
+    assert len(files) == live.spilled_units
+    # the first units were pre-filled before anything was spilled: their files hold the exact rows
+    groups = reference.layout.groups
+    with safe_open(str(files[0]), framework="pt") as handle:
+        for layer in range(model.config.text_config.num_hidden_layers):
+            rows = reference.memory.keys[layer][:, groups[0].time_start : groups[1].end]
+            assert torch.equal(handle.get_tensor(f"keys.{layer}"), rows)
+    # a question about everything seen, mid-stream, with an old unit selected from outside: it is read back
+    live.append(frames[:0], [])
+    answer = live.ask(QUESTION, generation_config=GENERATION, units=[1])
+    assert answer.stats["reloaded_units"] == [0, 1] and answer.stats["frames_seen"] == 96
+    dense = [u["index"] for u in answer.stats["units"] if u["dense"]]
+    assert dense == [0, 1, len(answer.stats["units"]) - 1]
+    scored = live.ask(QUESTION, generation_config=GENERATION)  # the model's own selection
+    assert len(scored.token_ids) == GENERATION["max_new_tokens"] or scored.text
+    path = live.save_memory(tmp_path / "bounded.safetensors")
+    saved, _ = VideoMemory.load(path)
+    assert torch.equal(
+        saved.keys[0][:, groups[0].time_start : groups[1].end],
+        reference.memory.keys[0][:, groups[0].time_start : groups[1].end],
+    )
+    spill_dir = files[0].parent
+    live.close()
+    assert not spill_dir.exists()
+
+
+def test_bounded_memory_stops_growing_past_the_horizon(tiny, tmp_path):
+    model, tokenizer = tiny
+    settings = bounded_settings()
+    frames, stamps = stream_frames(192)
+    live = LiveSession(model, tokenizer, settings, progress=False, dense_horizon=16.0, spill_dir=tmp_path)
+    store_bytes, in_use, groups = [], [], []
+    for start in range(0, 192, 16):
+        live.append(frames[start : start + 16], stamps[start : start + 16])
+        store = live.prefill.store
+        store_bytes.append(sum(kv_nbytes(t) for t in (*store.key_buffers, *store.value_buffers)))
+        in_use.append(live._in_use_bytes())
+        groups.append(live.prefill.groups_done)
+    # the dense store reaches its size within the horizon (plus the window) and then stays there
+    assert store_bytes[3:] == [store_bytes[3]] * len(store_bytes[3:]), store_bytes
+    # what still grows is each group's sparse KV and its time tokens' global rows, nothing else
+    layout = live._builder.layout()
+    g = layout.groups[-1]
+    per_row = 2 * model.config.text_config.num_hidden_layers * kv_nbytes(store.key_buffers[0][:, :1])
+    time_rows, dense_rows = g.visual_start - g.time_start, g.end - g.time_start
+    expected = (2 * time_rows + (g.end - g.visual_start) // 4) * per_row
+    growth = (in_use[-1] - in_use[3]) / (groups[-1] - groups[3])
+    slack = 2 * dense_rows * per_row / (groups[-1] - groups[3])  # one unit more or less in the store
+    assert abs(growth - expected) <= slack, (growth, expected, dense_rows * per_row)
+    exact = LiveSession(model, tokenizer, settings, progress=False)
+    exact.append(frames, stamps)
+    assert live._in_use_bytes() < exact._in_use_bytes() and exact.spilled_units == 0
+
+
+def test_max_memory_spills_until_the_kv_in_use_fits(tiny, tmp_path):
+    model, tokenizer = tiny
+    frames, stamps = stream_frames(64)
+    live = LiveSession(model, tokenizer, bounded_settings(), progress=False, max_memory=1, spill_dir=tmp_path)
+    live.append(frames, stamps)
+    # everything before the next block's window (1 block of 2 groups back from group 16) is on disk
+    assert live.spilled_units == (16 - 2) // 2
+    assert live.ask(QUESTION, generation_config=GENERATION).stats["spilled_units"] == 7
+
+
+def test_bounded_mode_settings_are_checked(tiny, tmp_path):
+    model, tokenizer = tiny
+    with pytest.raises(InputError, match="needs the bilevel engine mode"):
+        LiveSession(model, tokenizer, settings_for("chunked"), progress=False, dense_horizon=10)
+    with pytest.raises(InputError, match="int8 is not supported"):
+        LiveSession(model, tokenizer, settings_for("bilevel", "int8"), progress=False, dense_horizon=10)
+    with pytest.raises(InputError, match="dense_horizon must be"):
+        LiveSession(model, tokenizer, bounded_settings(), progress=False, dense_horizon=-1)
+    with pytest.raises(InputError, match="max_memory must be"):
+        LiveSession(model, tokenizer, bounded_settings(), progress=False, max_memory=0)

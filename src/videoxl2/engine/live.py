@@ -33,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import math
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -41,14 +43,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..prompt import IMAGE_MARKER, GroupSpan, TokenLayout, build_prompt, time_text
 from ..video.live import LiveStats, iter_live_frames
 from ..video.preprocess import preprocess_frames
-from .memory import VideoMemory
-from .prefill import SPARE_TOKENS, StreamingPrefill
+from .memory import SPARSE_CHUNK_GROUPS, MixedCache, VideoMemory, pool
+from .prefill import SPARE_TOKENS, StreamingPrefill, empty_kv, kv_nbytes
+from .runner import apply_rope, upload
 from .session import FRAME_BATCH, Answer, StageClock, VideoSession
 from .settings import EngineSettings
 
@@ -93,6 +98,114 @@ class LayoutBuilder:
         )
 
 
+class SpilledMemory(VideoMemory):
+    """A bounded live session's memory for one question: the prefix's dense KV, every group's sparse KV, and
+    each unit's dense KV where `unit_rows(unit)` finds it (the store, or the unit's file on disk, read back
+    only if the question selects the unit). Questions always get an assembled cache, as `VideoMemory.assemble`
+    builds it (same rows, same rotations), from these parts."""
+
+    def __init__(
+        self,
+        layout,
+        prefix_keys,
+        prefix_values,
+        unit_size,
+        compression,
+        sparse_keys,
+        sparse_values,
+        unit_rows,
+    ):
+        super().__init__(
+            layout, prefix_keys, prefix_values, unit_size, compression, sparse_keys, sparse_values
+        )
+        self.unit_rows = unit_rows
+        self.reloaded: list[int] = []
+
+    def build_sparse(self, runner) -> None:
+        """The sparse KV is kept as the stream is pre-filled."""
+
+    @contextmanager
+    def question_cache(self, runner, dense_units=None, rerotate=True, device=None, reserve=0):
+        yield self.assemble(runner, dense_units, rerotate=rerotate, device=device, reserve=reserve)
+
+    def assemble(
+        self, runner, dense_units=None, rerotate: bool = True, device=None, reserve: int = 0
+    ) -> MixedCache:
+        self.check_model(runner)
+        layout = self.layout
+        device = torch.device(device) if device is not None else runner.device
+        dense = self._check_units(dense_units)
+        start = layout.video_start
+        pieces, turns, slices, cursor = [], [torch.zeros(start, dtype=torch.float64)], [], start
+        positions = None if rerotate else self.sparse_positions
+        for u in range(self.num_units):
+            first, last = self.unit_groups(u)
+            if u in dense:
+                a, b = layout.groups[first].time_start, layout.groups[last].end
+                turn = torch.full((b - a,), float(cursor - a) if rerotate else 0.0, dtype=torch.float64)
+            else:
+                a, b = self.sparse_offsets[first], self.sparse_offsets[last + 1]
+                turn = (
+                    torch.arange(cursor, cursor + b - a, dtype=torch.float64) if rerotate else positions[a:b]
+                )
+            pieces.append((u, u in dense, a, b, cursor))
+            turns.append(turn)
+            slices.append((cursor, cursor + b - a))
+            cursor += b - a
+        keys, values = [], []
+        for layer in range(len(self.keys)):
+            shape = (self.keys[layer].shape[0], cursor + reserve, self.keys[layer].shape[2])
+            k, v = empty_kv(shape, self.dtype, device, False), empty_kv(shape, self.dtype, device, False)
+            k[:, :start], v[:, :start] = self.keys[layer][:, :start], self.values[layer][:, :start]
+            keys.append(k)
+            values.append(v)
+        self.reloaded = []
+        for u, is_dense, a, b, at in pieces:
+            if is_dense:
+                unit_keys, unit_values, reloaded = self.unit_rows(u)
+                if reloaded:
+                    self.reloaded.append(u)
+            else:
+                unit_keys = [t[:, a:b] for t in self.sparse_keys]
+                unit_values = [t[:, a:b] for t in self.sparse_values]
+            for layer in range(len(keys)):
+                keys[layer][:, at : at + b - a] = unit_keys[layer].to(device)
+                values[layer][:, at : at + b - a] = unit_values[layer].to(device)
+        runner.rotate_(keys, torch.cat(turns))
+        next_position = cursor if rerotate else layout.video_end
+        return MixedCache(keys, values, cursor, next_position, slices, sorted(dense))
+
+
+class GrowingRows:
+    """Per-layer (kv_heads, n, D) K and V buffers filled from the front, re-allocated at twice their size
+    when short (a bounded session's sparse KV)."""
+
+    def __init__(self, layers: int, kv_heads: int, dim: int, dtype, device):
+        self.keys = [torch.empty(kv_heads, 0, dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(kv_heads, 0, dim, dtype=dtype, device=device) for _ in range(layers)]
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys[0].shape[1])
+
+    def reserve(self, rows: int, keep: int) -> None:
+        """Room for `rows` rows, the first `keep` kept."""
+        if rows <= self.capacity:
+            return
+        size = max(rows, 2 * self.capacity)
+
+        def grown(t):
+            new = torch.empty(t.shape[0], size, t.shape[2], dtype=t.dtype, device=t.device)
+            new[:, :keep] = t[:, :keep]
+            return new
+
+        self.keys = [grown(t) for t in self.keys]
+        self.values = [grown(t) for t in self.values]
+
+    def nbytes(self) -> int:
+        return sum(kv_nbytes(t) for t in (*self.keys, *self.values))
+
+
 class LiveSession:
     """A video pre-filled as it arrives (`append`), answerable at any moment (`ask`) from everything seen so
     far. See the module docstring for why its memory equals a one-shot pre-fill of the same frames."""
@@ -110,11 +223,12 @@ class LiveSession:
         max_memory: int | None = None,
         spill_dir=None,
     ):
-        if dense_horizon is not None or max_memory is not None:
-            raise InputError("bounded live memory (dense_horizon, max_memory) is not implemented yet")
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings or EngineSettings.from_config(model.config)
+        self.bounded = dense_horizon is not None or max_memory is not None
+        if self.bounded:
+            self._check_bounded(dense_horizon, max_memory)
         self.source = source
         self.progress = progress
         self.dense_horizon, self.max_memory, self.spill_dir = dense_horizon, max_memory, spill_dir
@@ -147,6 +261,23 @@ class LiveSession:
         self._bar = tqdm(
             total=None, desc="live", unit="s", disable=None if progress is None else not progress
         )
+        self._spill_path: Path | None = None
+        self._spilled_units = 0  # units whose dense KV is on disk (always the oldest ones)
+        self._sparse: GrowingRows | None = None
+        self._sparse_offsets = [0]  # sparse row of each known group's start (bounded mode)
+        self._sparse_groups = 0  # committed groups whose sparse KV is kept
+        self._history_tables = None  # RoPE tables of the spilled units' sparse keys
+        if self.bounded:
+            runner = self.prefill.runner
+            self._sparse = GrowingRows(
+                runner.num_layers, runner.kv_heads, runner.head_dim, self.dtype, self.device
+            )
+            if spill_dir is None:
+                self._spill_path = Path(tempfile.mkdtemp(prefix="videoxl2-spill-"))
+            else:
+                Path(spill_dir).mkdir(parents=True, exist_ok=True)
+                self._spill_path = Path(tempfile.mkdtemp(prefix="live-", dir=spill_dir))
+            self.prefill.history = self._history
 
     # -- state -------------------------------------------------------------------------------------------
     @property
@@ -176,9 +307,41 @@ class LiveSession:
 
     def memory_bytes(self) -> int:
         """Bytes of KV held in memory now: the pre-fill store's buffers as allocated (spare slots and the
-        global copy included). Read without the lock, so a status query never waits for an answer."""
-        prefill = self.prefill
-        return 0 if prefill is None else prefill.store.allocated_bytes()
+        global copy included), and in bounded mode the sparse KV's buffers and their RoPE tables; spilled
+        units' files are not counted. Read without the lock, so a status query never waits for an answer."""
+        prefill, sparse, tables = self.prefill, self._sparse, self._history_tables
+        if prefill is None:
+            return 0
+        total = prefill.store.allocated_bytes() + (0 if sparse is None else sparse.nbytes())
+        if tables is not None:
+            total += sum(t.numel() * t.element_size() for t in tables[:2])
+        return total
+
+    @property
+    def spilled_units(self) -> int:
+        """Units whose dense KV is on disk (bounded mode; the oldest ones)."""
+        return self._spilled_units
+
+    def _check_bounded(self, dense_horizon, max_memory) -> None:
+        settings, config = self.settings, self.model.config
+        if dense_horizon is not None and not (isinstance(dense_horizon, int | float) and dense_horizon >= 0):
+            raise InputError(f"dense_horizon must be a number of seconds >= 0, got {dense_horizon!r}")
+        if max_memory is not None and not (isinstance(max_memory, int) and max_memory > 0):
+            raise InputError(f"max_memory must be a number of bytes > 0, got {max_memory!r}")
+        if settings.mode != "bilevel":
+            raise InputError(
+                f"bounded live memory (dense_horizon, max_memory) answers from selected units: it needs the "
+                f"bilevel engine mode, not {settings.mode!r}"
+            )
+        if settings.kv_dtype != "auto":
+            raise InputError(
+                "bounded live memory keeps the KV in the model's dtype: kv_dtype int8 is not supported"
+            )
+        if config.tokens_per_group % settings.compression:
+            raise InputError(
+                f"compression {settings.compression} must divide the {config.tokens_per_group} visual tokens "
+                "of a group"
+            )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -226,6 +389,13 @@ class LiveSession:
                 for i, t in enumerate(stamps, start=len(self.timestamps)):
                     if i % self.per_group == 0:
                         self._builder.add(t)
+                        g = self._builder.groups[-1]
+                        rows = (
+                            g.visual_start
+                            - g.time_start
+                            + (g.end - g.visual_start) // self.settings.compression
+                        )
+                        self._sparse_offsets.append(self._sparse_offsets[-1] + rows)
                 self.timestamps += stamps
                 self.prefill.extend(self._builder.layout())
             while self.pending_frames >= self.batch_frames:
@@ -271,6 +441,10 @@ class LiveSession:
             rest = self._pending[count:]
             self._pending = rest if rest.shape[0] else None
             self._committed_frames += count
+            if self.bounded:
+                self._add_sparse(self._sparse_groups, self.prefill.groups_done)
+                self._sparse_groups = self.prefill.groups_done
+                self._spill()
 
     def _drop_tail(self) -> None:
         if self._tail is not None:
@@ -289,19 +463,155 @@ class LiveSession:
         embeds = self._encode(self._pending)
         try:
             self._prefill_groups(embeds)
+            if self.bounded:  # the tail's sparse KV after the committed groups', overwritten later too
+                self._add_sparse(committed, self.prefill.groups_done)
         except BaseException:
             self.prefill.rewind(mark)
             raise
         self._tail = (mark, self.prefill.groups_done)
         return self._tail[1]
 
+    # -- bounded memory -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _add_sparse(self, first: int, end: int) -> None:
+        """The sparse KV of groups [first, end), from their dense KV in the store, as
+        `VideoMemory.build_sparse` derives it (keys rotated back to position 0, visual tokens pooled)."""
+        if end <= first:
+            return
+        runner, store, step = self.prefill.runner, self.prefill.store, self.settings.compression
+        device, shift, offsets = runner.device, store.shift, self._sparse_offsets
+        self._sparse.reserve(offsets[end], offsets[first])
+        groups = self._builder.groups
+        for c in range(first, end, SPARSE_CHUNK_GROUPS):
+            chunk = groups[c : min(c + SPARSE_CHUNK_GROUPS, end)]
+            a, b = chunk[0].time_start, chunk[-1].end
+            time_rows, visual_rows, time_dst, pooled_dst = [], [], [], []
+            cursor = 0
+            for g in chunk:
+                count, pooled = g.visual_start - g.time_start, (g.end - g.visual_start) // step
+                time_rows.append(torch.arange(g.time_start - a, g.visual_start - a))
+                visual_rows.append(torch.arange(g.visual_start - a, g.end - a))
+                time_dst.append(torch.arange(cursor, cursor + count))
+                pooled_dst.append(torch.arange(cursor + count, cursor + count + pooled))
+                cursor += count + pooled
+            time_rows, visual_rows, time_dst, pooled_dst = (
+                upload(torch.cat(x), device) for x in (time_rows, visual_rows, time_dst, pooled_dst)
+            )
+            cos, sin = runner.rope_tables(-torch.arange(a, b, dtype=torch.float64), device)
+            s0, s1 = offsets[c], offsets[c + len(chunk)]
+            for layer in range(runner.num_layers):
+                keys = store.key_buffers[layer][:, a - shift : b - shift]
+                values = store.value_buffers[layer][:, a - shift : b - shift]
+                pre = apply_rope(keys, cos, sin)
+                out_k, out_v = self._sparse.keys[layer][:, s0:s1], self._sparse.values[layer][:, s0:s1]
+                out_k.index_copy_(1, time_dst, pre.index_select(1, time_rows))
+                out_v.index_copy_(1, time_dst, values.index_select(1, time_rows))
+                out_k.index_copy_(1, pooled_dst, pool(pre.index_select(1, visual_rows), step))
+                out_v.index_copy_(1, pooled_dst, pool(values.index_select(1, visual_rows), step))
+
+    def _unit_file(self, unit: int) -> Path:
+        return self._spill_path / f"unit-{unit:07d}.safetensors"
+
+    def _in_use_bytes(self) -> int:
+        """KV bytes in use (not allocated): the store's rows, the global copy's, the sparse KV's."""
+        store = self.prefill.store
+        per_row = 2 * self.prefill.runner.num_layers * kv_nbytes(store.key_buffers[0][:, :1])
+        rows = store.filled - store.shift + store.global_filled + self._sparse_offsets[self._sparse_groups]
+        return rows * per_row
+
+    def _spill(self) -> None:
+        """Move the dense KV of old units to disk: units older than the horizon, then, while the KV in use is
+        over `max_memory`, the oldest others. Only units before the next block's window can go (the window's
+        dense rows are what its visual tokens attend to); spilled units are always the oldest, so the store
+        keeps one contiguous run of rows after the prefix (`KVStore.compact`)."""
+        settings, groups, prefill = self.settings, self._builder.groups, self.prefill
+        block = prefill.groups_done // settings.block_size
+        window = max(0, block - settings.prev_blocks) * settings.block_size
+        movable = window // settings.unit_size  # units entirely before the window
+        cutoff = None if self.dense_horizon is None else self.seconds_seen - self.dense_horizon
+        unit = self._spilled_units
+        per_row = 2 * prefill.runner.num_layers * kv_nbytes(prefill.store.key_buffers[0][:, :1])
+        in_use = self._in_use_bytes() if self.max_memory is not None else 0
+        while unit < movable:
+            first, last = unit * settings.unit_size, (unit + 1) * settings.unit_size - 1
+            end_seconds = groups[last + 1].seconds if last + 1 < len(groups) else groups[last].seconds
+            old = cutoff is not None and end_seconds <= cutoff
+            if not old and not (self.max_memory is not None and in_use > self.max_memory):
+                break
+            in_use -= (groups[last].end - groups[first].time_start) * per_row
+            unit += 1
+        if unit == self._spilled_units:
+            return
+        store, shift = prefill.store, prefill.store.shift
+        for u in range(self._spilled_units, unit):
+            a, b = groups[u * settings.unit_size].time_start, groups[(u + 1) * settings.unit_size - 1].end
+            tensors = {}
+            for layer in range(prefill.runner.num_layers):
+                tensors[f"keys.{layer}"] = (
+                    store.key_buffers[layer][:, a - shift : b - shift].contiguous().cpu()
+                )
+                tensors[f"values.{layer}"] = (
+                    store.value_buffers[layer][:, a - shift : b - shift].contiguous().cpu()
+                )
+            save_file(tensors, str(self._unit_file(u)))
+        store.compact(groups[unit * settings.unit_size].time_start, self._builder.video_start)
+        self._spilled_units = unit
+        # RoPE tables of the spilled sparse keys at their original positions (pooled: the mean of theirs)
+        first_group = 0 if self._history_tables is None else self._history_tables[2]
+        last_group = unit * settings.unit_size
+        positions = []
+        for g in groups[first_group:last_group]:
+            positions.append(torch.arange(g.time_start, g.visual_start, dtype=torch.float64))
+            visual = torch.arange(g.visual_start, g.end, dtype=torch.float64)
+            positions.append(visual.view(-1, settings.compression).mean(1))
+        cos, sin = prefill.runner.rope_tables(torch.cat(positions), self.device)
+        if self._history_tables is not None:
+            cos, sin = torch.cat([self._history_tables[0], cos]), torch.cat([self._history_tables[1], sin])
+        self._history_tables = (cos, sin, last_group)
+
+    def _history(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What later time tokens see in place of the spilled units' dense KV: their sparse KV, keys rotated
+        at their original positions (`StreamingPrefill.history`)."""
+        cos, sin, groups = self._history_tables
+        rows = self._sparse_offsets[groups]
+        keys = apply_rope(self._sparse.keys[layer][:, :rows], cos, sin)
+        return keys, self._sparse.values[layer][:, :rows]
+
+    def _unit_rows(self, unit: int):
+        """(keys per layer, values per layer, read from disk?) of a unit's dense KV."""
+        settings, groups = self.settings, self._builder.groups
+        if unit < self._spilled_units:
+            with safe_open(str(self._unit_file(unit)), framework="pt", device="cpu") as handle:
+                layers = self.prefill.runner.num_layers
+                keys = [handle.get_tensor(f"keys.{i}") for i in range(layers)]
+                values = [handle.get_tensor(f"values.{i}") for i in range(layers)]
+            return keys, values, True
+        first = unit * settings.unit_size
+        last = min(first + settings.unit_size, self.prefill.groups_done) - 1
+        store = self.prefill.store
+        a, b = groups[first].time_start - store.shift, groups[last].end - store.shift
+        return [t[:, a:b] for t in store.key_buffers], [t[:, a:b] for t in store.value_buffers], False
+
     # -- questions -----------------------------------------------------------------------------------------
     def _memory(self, groups: int) -> VideoMemory:
-        """A memory over the first `groups` groups of the store (its buffers, not a copy)."""
+        """A memory over the first `groups` groups of the store (its buffers, not a copy); in bounded mode a
+        `SpilledMemory` over the store, the sparse KV and the spilled units' files."""
         store, settings = self.prefill.store, self.settings
         layout = self._builder.layout(groups)
-        return VideoMemory(
-            layout, store.key_buffers, store.value_buffers, settings.unit_size, settings.compression
+        if not self.bounded:
+            return VideoMemory(
+                layout, store.key_buffers, store.value_buffers, settings.unit_size, settings.compression
+            )
+        start = layout.video_start
+        return SpilledMemory(
+            layout,
+            [t[:, :start] for t in store.key_buffers],
+            [t[:, :start] for t in store.value_buffers],
+            settings.unit_size,
+            settings.compression,
+            self._sparse.keys,
+            self._sparse.values,
+            self._unit_rows,
         )
 
     @contextmanager
@@ -337,8 +647,9 @@ class LiveSession:
                 video_tokens=memory.layout.video_end,
                 prefill_attention_flops=actual,
                 dense_attention_flops=dense,
-                dense_kv_bytes=memory.dense_bytes(),
+                dense_kv_bytes=self.prefill.store.nbytes() if self.bounded else memory.dense_bytes(),
                 sparse_kv_bytes=memory.sparse_size_bytes(),
+                spilled_units=self._spilled_units,
                 **self._clock.totals(),
             )
             yield view
@@ -349,7 +660,10 @@ class LiveSession:
         """Answer from everything seen so far (as `VideoSession.ask`); the stats add `seconds_seen` and
         `frames_seen` (what the answer saw) and the units with their scores."""
         with self.snapshot() as view:
-            return view.ask(question, history, generation_config, units, on_token)
+            answer = view.ask(question, history, generation_config, units, on_token)
+            if self.bounded:
+                answer.stats["reloaded_units"] = list(view.memory.reloaded)
+            return answer
 
     def save_memory(self, path, metadata: dict | None = None) -> Path:
         """Write the memory of everything seen (`VideoMemory.save`): after `finish()` all of it is committed;
@@ -363,7 +677,27 @@ class LiveSession:
                 frames=view.stats["frames"],
             )
             extra.update(metadata or {})
-            return view.memory.save(path, extra)
+            memory = self._full_memory(view.memory) if self.bounded else view.memory
+            return memory.save(path, extra)
+
+    def _full_memory(self, memory: SpilledMemory) -> VideoMemory:
+        """Every unit's dense KV in one memory (spilled units read back): what a saved memory holds. Costs
+        the whole video's dense KV in memory while it is written."""
+        keys, values = [[t[:, : memory.layout.video_start]] for t in memory.keys], None
+        values = [[t[:, : memory.layout.video_start]] for t in memory.values]
+        for u in range(memory.num_units):
+            unit_keys, unit_values, _ = self._unit_rows(u)
+            for layer in range(len(keys)):
+                keys[layer].append(unit_keys[layer].to(self.device))
+                values[layer].append(unit_values[layer].to(self.device))
+        settings = self.settings
+        return VideoMemory(
+            memory.layout,
+            [torch.cat(parts, 1) for parts in keys],
+            [torch.cat(parts, 1) for parts in values],
+            settings.unit_size,
+            settings.compression,
+        )
 
     def close(self) -> None:
         """Free the store and pending frames; later calls refuse. Idempotent."""
@@ -375,6 +709,9 @@ class LiveSession:
             self.prefill = None
             self._pending = None
             self._tail = None
+            self._sparse = self._history_tables = None
+            if self._spill_path is not None:
+                shutil.rmtree(self._spill_path, ignore_errors=True)
 
     def __enter__(self) -> LiveSession:
         return self

@@ -244,10 +244,12 @@ class KVStore:
     values: list[torch.Tensor] = field(init=False)
     filled: int = 0
     global_filled: int = 0
+    shift: int = 0  # rows removed after the prefix (a bounded live session's spilled units): token i >= the
+    # prefix is at row i - shift; 0 everywhere else
 
     def __post_init__(self):
-        self.keys = [t[:, : self.length] for t in self.key_buffers]
-        self.values = [t[:, : self.length] for t in self.value_buffers]
+        self.keys = [t[:, : self.length - self.shift] for t in self.key_buffers]
+        self.values = [t[:, : self.length - self.shift] for t in self.value_buffers]
 
     @classmethod
     def allocate(
@@ -291,15 +293,35 @@ class KVStore:
         """Room for a longer video (a live session's stream grows): `length` video tokens plus `spare`, and
         `global_count` global rows. A buffer that is short is re-allocated at twice its capacity (at least
         what is needed), its filled part copied, so a stream of n tokens costs O(n) copying in all."""
-        if self.capacity < length + spare:
-            size = max(length + spare, 2 * self.capacity)
-            self.key_buffers = [_regrown(t, size, self.filled) for t in self.key_buffers]
-            self.value_buffers = [_regrown(t, size, self.filled) for t in self.value_buffers]
+        need, rows = length - self.shift + spare, self.filled - self.shift
+        if self.capacity < need:
+            size = max(need, 2 * self.capacity)
+            self.key_buffers = [_regrown(t, size, rows) for t in self.key_buffers]
+            self.value_buffers = [_regrown(t, size, rows) for t in self.value_buffers]
         if self.global_keys and self.global_keys[0].shape[1] < global_count:
             size = max(global_count, 2 * int(self.global_keys[0].shape[1]))
             self.global_keys = [_regrown(t, size, self.global_filled) for t in self.global_keys]
             self.global_values = [_regrown(t, size, self.global_filled) for t in self.global_values]
         self.length = length
+        self.__post_init__()
+
+    def compact(self, first_kept: int, video_start: int) -> None:
+        """Drop the tokens [video_start, first_kept) (spilled elsewhere): the rows after them move down to
+        the end of the prefix, and `shift` says by how much."""
+        shift = first_kept - video_start
+        if shift < self.shift or first_kept > self.filled:
+            raise ValueError(
+                f"cannot drop tokens up to {first_kept} (dropped up to {self.shift}, filled to {self.filled})"
+            )
+        a, b = first_kept - self.shift, self.filled - self.shift
+        for t in (*self.key_buffers, *self.value_buffers):
+            if isinstance(t, Int8Rows):
+                t[:, video_start : video_start + b - a] = Int8Rows(
+                    t.data[:, a:b].clone(), t.scale[:, a:b].clone()
+                )
+            else:
+                t[:, video_start : video_start + b - a] = t[:, a:b].clone()
+        self.shift = shift
         self.__post_init__()
 
 
@@ -354,6 +376,10 @@ class StreamingPrefill:
         )
         self.stats = PrefillStats()
         self.groups_done = 0
+        # A bounded live session drops old rows from the store (`KVStore.compact`); the time tokens of later
+        # groups then see, in their place, what `history(layer)` gives: (keys rotated at their positions,
+        # values) in the compute dtype. None: nothing was dropped.
+        self.history = None
         # Host-side geometry: where each group's time tokens go in the compact global store.
         self.global_start, count = [], layout.video_start
         for g in layout.groups:
@@ -404,6 +430,7 @@ class StreamingPrefill:
     def _write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, spans) -> None:
         """Store the slice's K/V at [start, start + n), and its global rows (local [a, b) -> global g0)."""
         store = self.store
+        start -= store.shift
         end = start + k.shape[1]
         if self.int8:  # quantized once, for the store and the global copy alike
             k, v = Int8Rows.quantize(k), Int8Rows.quantize(v)
@@ -420,6 +447,8 @@ class StreamingPrefill:
         self.store.global_filled = n if self.chunked else 0
 
     def _run_causal(self, embeds: torch.Tensor, start: int, spans) -> None:
+        if self.store.shift:
+            raise ValueError("plain causal pre-fill needs every earlier row in the store")
         n = embeds.shape[0]
         end = start + n
         store = self.store
@@ -478,6 +507,9 @@ class StreamingPrefill:
             for i, g in enumerate(groups)
         ]
         store = self.store
+        shift = store.shift
+        if shift and (self.int8 or old == window_start):
+            raise ValueError("rows were dropped from the store that this block needs (int8, or its window)")
         if self.int8:
             attend = self._int8_block_attention(groups, start, window_start, old, spans)
             self.runner.forward(hidden, torch.arange(start, end, device=self.device), attend)
@@ -490,15 +522,22 @@ class StreamingPrefill:
             if old == window_start:  # the window reaches back to the prefix: the store itself is the set
                 gathered_k, gathered_v = keys[:, :end], values[:, :end]
             else:
-                gathered_k = torch.cat([store.global_keys[layer][:, :old], keys[:, window_start:end]], 1)
-                gathered_v = torch.cat([store.global_values[layer][:, :old], values[:, window_start:end]], 1)
+                window = slice(window_start - shift, end - shift)
+                gathered_k = torch.cat([store.global_keys[layer][:, :old], keys[:, window]], 1)
+                gathered_v = torch.cat([store.global_values[layer][:, :old], values[:, window]], 1)
+            time_k, time_v, behind = keys, values, 0  # what the time tokens see; rows behind the store
+            if shift:  # prefix, then what replaced the dropped rows, then the rows kept
+                video = self.layout.video_start
+                old_k, old_v = self.history(layer)
+                time_k = torch.cat([keys[:, :video], old_k, keys[:, video : end - shift]], 1)
+                time_v = torch.cat([values[:, :video], old_v, values[:, video : end - shift]], 1)
+                behind = old_k.shape[1] - shift
             out = torch.empty_like(q)
             for g in groups:
                 t0, v0, e0 = g.time_start - start, g.visual_start - start, g.end - start
                 if v0 > t0:
-                    out[:, t0:v0] = attention(
-                        q[:, t0:v0], keys[:, : g.visual_start], values[:, : g.visual_start], causal=True
-                    )
+                    m = g.visual_start + behind
+                    out[:, t0:v0] = attention(q[:, t0:v0], time_k[:, :m], time_v[:, :m], causal=True)
                 m = old + g.end - window_start
                 out[:, v0:e0] = attention(q[:, v0:e0], gathered_k[:, :m], gathered_v[:, :m], causal=True)
             return out
