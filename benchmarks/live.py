@@ -93,6 +93,7 @@ def produce(spec_json: str) -> int:
             stream.pix_fmt = "yuv420p"
             stream.options = {"qscale": "2", "g": str(WRITE_FPS)}
             start, picture, shown = time.monotonic(), None, -1
+            print(f"start {start!r}", file=sys.stderr, flush=True)  # frame i is written at start + i / 30
             for index in range(spec.num_frames * WRITE_FPS):
                 second = index // WRITE_FPS
                 if second != shown:
@@ -126,6 +127,50 @@ def watch_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "videoxl2.cli"]
 
 
+class StderrLog:
+    """`watch --progress` status lines as they arrive, each with the monotonic time it came (the clock is
+    system-wide, so comparable with the producer's), and the text for error reports."""
+
+    def __init__(self, pipe):
+        self.lines: list[tuple[float, float, int, float | None, float]] = []  # (time, seen, frames, lag, MiB)
+        self.text = bytearray()
+        self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe) -> None:
+        partial = b""
+        while chunk := pipe.read1(4096):
+            now = time.monotonic()
+            self.text += chunk
+            del self.text[:-20000]
+            *complete, partial = re.split(rb"[\r\n]", partial + chunk)
+            if STATUS.search(partial.decode(errors="replace")):  # a status line ends at the next one's \r
+                complete.append(partial)
+                partial = b""
+            for line in complete:
+                match = STATUS.search(line.decode(errors="replace"))
+                if match:
+                    seen, frames, lag, memory = match.groups()
+                    lag = None if lag == "-" else float(lag[:-2])
+                    self.lines.append((now, float(seen), int(frames), lag, float(memory)))
+
+    def latest(self):
+        return self.lines[-1] if self.lines else None
+
+
+def producer_lags(lines, clock_start: float, stream_s: int) -> list[float]:
+    """Per stream second s: when `watch` first reported s answerable, minus when the producer wrote it
+    (clock_start + s). An upper bound: status lines come every 0.5 s, and not while a question runs."""
+    lags, i = [], 0
+    for second in range(stream_s):
+        while i < len(lines) and lines[i][1] + 1e-6 < second:
+            i += 1
+        if i == len(lines):
+            break
+        lags.append(lines[i][0] - (clock_start + second))
+    return lags
+
+
 def run_case(name, spec, realtime: bool, args, every=None, horizon=None, timeout_s=None) -> dict:
     """One producer -> pipe -> `videoxl2 watch -` run; answers, RSS and status lines as they came."""
     from videoxl2.demo.niah import QUESTION
@@ -137,17 +182,18 @@ def run_case(name, spec, realtime: bool, args, every=None, horizon=None, timeout
     command += ["--mode", "bilevel", "--question", QUESTION, "--max-new-tokens", "8"]
     command += [] if every is None else ["--every", str(every)]
     command += [] if horizon is None else ["--dense-horizon", str(horizon)]
-    command += [] if args.max_memory is None else ["--max-memory", args.max_memory]
+    command += [] if args.max_memory is None or horizon is None else ["--max-memory", args.max_memory]
     spill = tempfile.mkdtemp(prefix="live-spill-")
     command += ["--spill-dir", spill]
     start = time.monotonic()
     producer = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--produce", json.dumps(values)],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    err_file = tempfile.TemporaryFile()
-    watcher = subprocess.Popen(command, stdin=producer.stdout, stdout=subprocess.PIPE, stderr=err_file)
+    watcher = subprocess.Popen(command, stdin=producer.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     producer.stdout.close()
+    log = StderrLog(watcher.stderr)
     answers: list[dict] = []
 
     def read_answers():
@@ -160,22 +206,19 @@ def run_case(name, spec, realtime: bool, args, every=None, horizon=None, timeout
     reader = threading.Thread(target=read_answers, daemon=True)
     reader.start()
     samples, produced_s, killed = [], None, False
-    status_seen = [None]  # latest status line: (seconds seen, frames, lag, KV MiB)
     while watcher.poll() is None:
         time.sleep(1.0)
         now = time.monotonic() - start
         if produced_s is None and producer.poll() is not None:
             produced_s = now
-        status_seen[0] = last_status(err_file) or status_seen[0]
-        rss = proc_rss(watcher.pid)
+        rss, seen = proc_rss(watcher.pid), log.latest()
         if rss is not None:
-            seen = status_seen[0]
             samples.append(
                 dict(
                     wall_s=round(now, 2),
-                    seconds_seen=None if seen is None else seen[0],
+                    seconds_seen=None if seen is None else seen[1],
                     rss_mib=round(rss / 2**20, 1),
-                    kv_mib=None if seen is None else seen[3],
+                    kv_mib=None if seen is None else seen[4],
                 )
             )
         if timeout_s is not None and now > timeout_s:
@@ -183,31 +226,27 @@ def run_case(name, spec, realtime: bool, args, every=None, horizon=None, timeout
             killed = True
     producer.kill()
     producer.wait()
+    clock = producer.stderr.read().decode().split()
+    producer.stderr.close()
     reader.join(timeout=10)
+    log.thread.join(timeout=10)
     wall = time.monotonic() - start
-    err_file.seek(0)
-    stderr = err_file.read().decode(errors="replace")
-    err_file.close()
     shutil.rmtree(spill, ignore_errors=True)
-    return summarize_case(name, spec, realtime, every, horizon, answers, samples, produced_s, wall,
-                          watcher.returncode, killed, stderr)  # fmt: skip
-
-
-def last_status(err_file) -> tuple | None:
-    """The newest status line `watch --progress` drew on stderr: (seconds seen, frames, lag, KV MiB)."""
-    try:
-        size = os.fstat(err_file.fileno()).st_size
-        handle = os.dup(err_file.fileno())
-        with os.fdopen(handle, "rb") as copy:
-            copy.seek(max(0, size - 4096))
-            tail = copy.read().decode(errors="replace")
-    except OSError:
-        return None
-    matches = STATUS.findall(tail)
-    if not matches:
-        return None
-    seen, frames, lag, memory = matches[-1]
-    return float(seen), int(frames), None if lag == "-" else float(lag[:-2]), float(memory)
+    case = summarize_case(name, spec, realtime, every, horizon, answers, samples, produced_s, wall,
+                          watcher.returncode, killed, log.text.decode(errors="replace"))  # fmt: skip
+    if realtime and clock[:1] == ["start"]:
+        clock_start = float(clock[1])
+        lags = producer_lags(log.lines, clock_start, spec.num_frames)
+        case.update(
+            producer_lag_p50_s=percentile(lags, 50),
+            producer_lag_p95_s=percentile(lags, 95),
+            producer_lag_max_s=max(lags) if lags else None,
+            producer_lags_s=[round(x, 3) for x in lags],
+        )
+        for answer in answers:  # stream clock minus the seconds answerable, when the question was asked
+            asked = start + answer["arrived_s"] - answer["answer_s"]
+            answer["behind_s"] = round(asked - clock_start - answer["seconds_seen"], 3)
+    return case
 
 
 def percentile(values, q):
@@ -331,8 +370,8 @@ def fmt(value, spec=".2f") -> str:
 
 
 HEADER = (
-    f"{'case':<11}{'mode':<9}{'stream':>7}{'wall':>7}{'lag p50':>8}{'p95':>6}{'every':>7}{'ans p50':>8}"
-    f"{'p95':>6}{'RSS MiB':>14}{'growth':>8}{'needle':>7}{'right':>6}"
+    f"{'case':<11}{'mode':<9}{'stream':>7}{'wall':>7}{'lag p50':>8}{'p95':>6}{'pipe p95':>9}{'every':>7}"
+    f"{'ans p50':>8}{'p95':>6}{'RSS MiB':>14}{'growth':>8}{'needle':>7}{'right':>6}"
 )
 
 
@@ -344,7 +383,8 @@ def row(case: dict) -> str:
     right = {True: "yes", False: "no", None: "-"}[case.get("correct")]
     return (
         f"{case['name']:<11}{case['mode']:<9}{case['stream_s'] / 60:>6.0f}m{case['wall_s']:>6.0f}s"
-        f"{fmt(case.get('lag_p50_s')):>8}{fmt(case.get('lag_p95_s')):>6}{every:>7}"
+        f"{fmt(case.get('lag_p50_s')):>8}{fmt(case.get('lag_p95_s')):>6}"
+        f"{fmt(case.get('producer_lag_p95_s')):>9}{every:>7}"
         f"{fmt(case['answer_latency_p50_s']):>8}{fmt(case['answer_latency_p95_s']):>6}{rss:>14}"
         f"{growth + '%' if growth != '-' else '-':>8}{selected:>7}{right:>6}"
         + ("" if case["exit_code"] == 0 else f"  exit {case['exit_code']}")

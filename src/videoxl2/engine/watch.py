@@ -162,6 +162,7 @@ class Watcher:
         self.records: list[dict] = []
         self._status_at = 0.0
         self._status_shown = False
+        self._status_frames = -1
         generation = dict(max_new_tokens=args.max_new_tokens)
         if args.temperature > 0:
             generation.update(do_sample=True, temperature=args.temperature)
@@ -267,10 +268,11 @@ class Watcher:
         )
 
     def draw_status(self) -> None:
-        now = time.monotonic()
-        if not self.progress or now - self._status_at < STATUS_S:
+        """Redrawn when a frame has come (within POLL_S) and every STATUS_S (the lag grows meanwhile)."""
+        now, frames = time.monotonic(), self.session.frames_seen
+        if not self.progress or (now - self._status_at < STATUS_S and frames == self._status_frames):
             return
-        self._status_at = now
+        self._status_at, self._status_frames = now, frames
         self.err.write("\r\x1b[K" + self.status_text())
         self.err.flush()
         self._status_shown = True
