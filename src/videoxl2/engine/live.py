@@ -24,6 +24,18 @@ encoding of a complete batch runs outside the lock (it touches no shared state),
 most for one block's LLM pre-fill, and a slow question delays ingestion only by its own length (`LiveIngest`
 keeps reading meanwhile).
 
+Bounded memory (`dense_horizon` seconds and/or `max_memory` bytes, bilevel mode): every group's sparse KV
+stays in memory, and the dense KV of a unit older than the horizon (or, while the KV in use is over
+`max_memory`, of the oldest units) goes to a safetensors file of its own under `spill_dir` and leaves the
+store (`KVStore.compact`), so the store stops growing; what still grows is the sparse KV and the time tokens'
+global rows (about a third of the dense KV per group with the release's 144 + ~6 tokens and compression 4).
+Only units before the next block's window can go: the window's visual tokens attend to its dense KV. A
+question scores units on the sparse KV as usual and reads back the spilled units it selects
+(`SpilledMemory`). The release lets time tokens see every earlier key, which a bounded store cannot keep:
+once units are spilled, later time tokens see their sparse KV (keys at their original positions) instead,
+so a bounded session is exact up to its first spill and an approximation after it. Exact mode (the
+default) keeps everything and is never changed by any of this.
+
 `LiveIngest` runs a source (`video.live.iter_live_frames`: standard input, a followed file, a URL) into a
 session in the background and reports how far ingestion is behind the stream's clock.
 """
@@ -38,7 +50,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +220,12 @@ class GrowingRows:
 
 class LiveSession:
     """A video pre-filled as it arrives (`append`), answerable at any moment (`ask`) from everything seen so
-    far. See the module docstring for why its memory equals a one-shot pre-fill of the same frames."""
+    far. See the module docstring for why its memory equals a one-shot pre-fill of the same frames.
+
+    `dense_horizon` (seconds) / `max_memory` (bytes of KV in use) make it bounded (bilevel mode, float KV;
+    see the module docstring); `spill_dir` is where spilled units go (a folder of their own inside it,
+    default a temporary folder), removed by `close()`. `progress`: a bar of seconds seen (None: on a
+    terminal only)."""
 
     spare_tokens = SPARE_TOKENS  # store slots kept free past the video: a question's room (grown if short)
 
@@ -264,14 +281,18 @@ class LiveSession:
         self._spill_path: Path | None = None
         self._spilled_units = 0  # units whose dense KV is on disk (always the oldest ones)
         self._sparse: GrowingRows | None = None
-        self._sparse_offsets = [0]  # sparse row of each known group's start (bounded mode)
+        self._sparse_offsets = [0]  # sparse row of each known group's start
         self._sparse_groups = 0  # committed groups whose sparse KV is kept
         self._history_tables = None  # RoPE tables of the spilled units' sparse keys
-        if self.bounded:
+        # A bi-level session keeps every committed group's sparse KV as it goes (what a one-shot session
+        # builds at its first question), so a question does not derive it from the whole video again; an
+        # int8 one derives it per question (`VideoMemory.build_sparse`).
+        if self.settings.mode == "bilevel" and self.settings.kv_dtype == "auto":
             runner = self.prefill.runner
             self._sparse = GrowingRows(
                 runner.num_layers, runner.kv_heads, runner.head_dim, self.dtype, self.device
             )
+        if self.bounded:
             if spill_dir is None:
                 self._spill_path = Path(tempfile.mkdtemp(prefix="videoxl2-spill-"))
             else:
@@ -386,6 +407,7 @@ class LiveSession:
             with self._lock:
                 self._drop_tail()
                 self._pending = pixels if self._pending is None else torch.cat([self._pending, pixels])
+                known = len(self._builder.groups)
                 for i, t in enumerate(stamps, start=len(self.timestamps)):
                     if i % self.per_group == 0:
                         self._builder.add(t)
@@ -397,9 +419,11 @@ class LiveSession:
                         )
                         self._sparse_offsets.append(self._sparse_offsets[-1] + rows)
                 self.timestamps += stamps
-                self.prefill.extend(self._builder.layout())
+                if len(self._builder.groups) > known:
+                    self.prefill.extend(self._builder.layout())
             while self.pending_frames >= self.batch_frames:
                 self._commit(self.batch_frames)
+            self._bar.set_postfix_str(f"{self.memory_bytes() / 2**20:.1f} MiB KV", refresh=False)
             self._bar.update(self.seconds_seen - self._bar.n)
 
     @torch.inference_mode()
@@ -441,9 +465,10 @@ class LiveSession:
             rest = self._pending[count:]
             self._pending = rest if rest.shape[0] else None
             self._committed_frames += count
-            if self.bounded:
+            if self._sparse is not None:
                 self._add_sparse(self._sparse_groups, self.prefill.groups_done)
                 self._sparse_groups = self.prefill.groups_done
+            if self.bounded:
                 self._spill()
 
     def _drop_tail(self) -> None:
@@ -463,7 +488,7 @@ class LiveSession:
         embeds = self._encode(self._pending)
         try:
             self._prefill_groups(embeds)
-            if self.bounded:  # the tail's sparse KV after the committed groups', overwritten later too
+            if self._sparse is not None:  # the tail's sparse KV after the committed groups' (forgotten too)
                 self._add_sparse(committed, self.prefill.groups_done)
         except BaseException:
             self.prefill.rewind(mark)
@@ -598,9 +623,20 @@ class LiveSession:
         `SpilledMemory` over the store, the sparse KV and the spilled units' files."""
         store, settings = self.prefill.store, self.settings
         layout = self._builder.layout(groups)
+        sparse_keys = sparse_values = None
+        if self._sparse is not None:
+            rows = self._sparse_offsets[groups]
+            sparse_keys = [t[:, :rows] for t in self._sparse.keys]
+            sparse_values = [t[:, :rows] for t in self._sparse.values]
         if not self.bounded:
             return VideoMemory(
-                layout, store.key_buffers, store.value_buffers, settings.unit_size, settings.compression
+                layout,
+                store.key_buffers,
+                store.value_buffers,
+                settings.unit_size,
+                settings.compression,
+                sparse_keys,
+                sparse_values,
             )
         start = layout.video_start
         return SpilledMemory(
@@ -609,8 +645,8 @@ class LiveSession:
             [t[:, :start] for t in store.value_buffers],
             settings.unit_size,
             settings.compression,
-            self._sparse.keys,
-            self._sparse.values,
+            sparse_keys,
+            sparse_values,
             self._unit_rows,
         )
 
@@ -626,22 +662,12 @@ class LiveSession:
             groups = self._ensure_tail()
             frames = min(len(self.timestamps), groups * self.per_group)
             memory = self._memory(groups)
-            view = VideoSession.__new__(VideoSession)
-            view.model, view.tokenizer, view.settings = self.model, self.tokenizer, self.settings
-            view.source, view.progress, view.timestamps = self.source, False, self.timestamps[:frames]
-            view._frame_batches = None
-            view.group_seconds = [g.seconds for g in memory.layout.groups]
-            view.layout = memory.layout
-            view.memory_estimate = None
-            view.read_stats = None
-            view._clock = StageClock(torch.device("cpu"))
-            view.memory, view.runner = memory, self.prefill.runner
             actual, dense = self.prefill.stats.flops(self.prefill.runner)
-            view.stats = dict(
+            stats = dict(
                 frames=frames,
                 groups=groups,
                 frames_seen=frames,
-                seconds_seen=view.timestamps[-1],
+                seconds_seen=self.timestamps[frames - 1],
                 committed_frames=self._committed_frames,
                 pending_frames=frames - self._committed_frames,
                 video_tokens=memory.layout.video_end,
@@ -652,7 +678,35 @@ class LiveSession:
                 spilled_units=self._spilled_units,
                 **self._clock.totals(),
             )
-            yield view
+            if self.bounded:
+                yield self._bounded_view(memory, stats, frames)
+            else:  # the live store stays where it is: no offload copy per question
+                settings = replace(self.settings, offload=False)
+                yield VideoSession.from_video_memory(
+                    self.model, self.tokenizer, memory, settings, self.source, stats, self.timestamps[:frames]
+                )
+
+    def _bounded_view(self, memory: SpilledMemory, stats: dict, frames: int) -> VideoSession:
+        """A session over a bounded memory. `VideoSession.from_video_memory` refuses a video longer than the
+        model's context, which an endless stream is; a bounded question runs on an assembled cache (the
+        selected units dense, the others sparse), so with `rerotate` (contiguous positions) what has to fit
+        the context is that cache: `layout.video_end` is set to its largest length for the session's check."""
+        settings, layout = self.settings, memory.layout
+        if settings.rerotate:
+            extra = settings.unit_size * (self.model.config.tokens_per_group * (1 - 1 / settings.compression))
+            dense = min(memory.num_units, settings.topk + 2)
+            longest = layout.video_start + memory.sparse_offsets[-1] + int(dense * extra)
+            layout = replace(layout, video_end=min(layout.video_end, longest))
+        view = VideoSession.__new__(VideoSession)
+        view.model, view.tokenizer, view.settings = self.model, self.tokenizer, settings
+        view.source, view.progress, view._frame_batches = self.source, False, None
+        view.timestamps = self.timestamps[:frames]
+        view.group_seconds = [g.seconds for g in layout.groups]
+        view.layout = layout
+        view.memory_estimate = view.read_stats = None
+        view._clock = StageClock(torch.device("cpu"))
+        view.memory, view.runner, view.stats = memory, self.prefill.runner, stats
+        return view
 
     def ask(
         self, question: str, history=None, generation_config: dict | None = None, units=None, on_token=None
@@ -666,19 +720,21 @@ class LiveSession:
             return answer
 
     def save_memory(self, path, metadata: dict | None = None) -> Path:
-        """Write the memory of everything seen (`VideoMemory.save`): after `finish()` all of it is committed;
-        mid-stream the pending frames are in it as the tail a question would see. The engine settings, the
-        source and the seconds seen go into the metadata (the caller's keys win)."""
+        """Write the memory of everything seen, with what reopening it needs (`VideoMemory.save` with the
+        model's identity, the engine settings, the frame times and the source): `VideoSession.from_memory`
+        and `videoxl2 chat MEMORY_FILE Q` answer from it. After `finish()` every frame is committed;
+        mid-stream the pending frames are in it as the tail a question would see (saving commits nothing).
+        A bounded session's file holds every unit's dense KV, spilled ones read back (`_full_memory`)."""
         with self.snapshot() as view:
-            extra = dict(
-                settings=asdict(self.settings),
-                source=self.source,
-                seconds_seen=view.stats["seconds_seen"],
-                frames=view.stats["frames"],
-            )
-            extra.update(metadata or {})
             memory = self._full_memory(view.memory) if self.bounded else view.memory
-            return memory.save(path, extra)
+            return memory.save(
+                path,
+                metadata,
+                model=self.model,
+                settings=self.settings,
+                timestamps=view.timestamps,
+                source=self.source,
+            )
 
     def _full_memory(self, memory: SpilledMemory) -> VideoMemory:
         """Every unit's dense KV in one memory (spilled units read back): what a saved memory holds. Costs
