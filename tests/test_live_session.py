@@ -366,6 +366,7 @@ def test_stopping_an_ingest_keeps_what_was_seen(tiny, tmp_path):
         time.sleep(0.05)
     ingest.stop()
     assert ingest.join(timeout=10), "stop() did not end the ingest"
+    assert not ingest._reader.is_alive() and not ingest._appender.is_alive()
     status = ingest.status()
     assert status["state"] == "stopped" and live.finished and status["frames_seen"] >= 3
     assert live.ask(QUESTION, generation_config=GENERATION).stats["frames_seen"] == status["frames_seen"]
@@ -445,6 +446,40 @@ def test_bounded_mode_spills_old_units_and_reloads_the_selected(tiny, tmp_path):
     spill_dir = files[0].parent
     live.close()
     assert not spill_dir.exists()
+
+
+def test_bounded_mode_without_pooling_follows_exact_mode(tiny, tmp_path):
+    """With compression 1 a group's sparse KV is its dense KV (keys turned back and forth: rounding only),
+    so what later time tokens see in place of spilled units is what exact mode shows them: every row the
+    bounded pre-fill computes, spilled or kept, and the answers must match exact mode to rounding. This
+    checks the spilled-history path (offsets, positions, order, the store's shift) independently."""
+    model, tokenizer = tiny
+    settings = EngineSettings(mode="bilevel", block_size=2, prev_blocks=1, unit_size=2, topk=1, compression=1)
+    frames, stamps = stream_frames(80)
+    live = LiveSession(model, tokenizer, settings, progress=False, dense_horizon=10.0, spill_dir=tmp_path)
+    for start in range(0, 80, 7):
+        live.append(frames[start : start + 7], stamps[start : start + 7])
+    live.finish()
+    assert live.spilled_units >= 5
+    reference = one_shot(tiny, frames, stamps, settings)
+    groups, worst = reference.layout.groups, 0.0
+    for unit in range(reference.memory.num_units):
+        keys, values, _ = live._unit_rows(unit)
+        first, last = reference.memory.unit_groups(unit)
+        rows = slice(groups[first].time_start, groups[last].end)
+        for layer in range(len(keys)):
+            for got, want in (
+                (keys[layer], reference.memory.keys[layer][:, rows]),
+                (values[layer], reference.memory.values[layer][:, rows]),
+            ):
+                worst = max(worst, float((got - want).abs().max()))
+    assert worst < 1e-4, f"bounded rows differ from exact ones by {worst:.3g}"
+    with live.snapshot() as view:
+        got, _ = continuation_logprob(view, QUESTION, " a red square")
+    want, _ = continuation_logprob(reference, QUESTION, " a red square")
+    assert abs(got - want) < 1e-3, (got, want)
+    expected = reference.ask(QUESTION, generation_config=GENERATION)
+    assert live.ask(QUESTION, generation_config=GENERATION).token_ids == expected.token_ids
 
 
 def test_bounded_memory_stops_growing_past_the_horizon(tiny, tmp_path):

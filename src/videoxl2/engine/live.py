@@ -590,16 +590,23 @@ class LiveSession:
             visual = torch.arange(g.visual_start, g.end, dtype=torch.float64)
             positions.append(visual.view(-1, settings.compression).mean(1))
         cos, sin = prefill.runner.rope_tables(torch.cat(positions), self.device)
-        if self._history_tables is not None:
-            cos, sin = torch.cat([self._history_tables[0], cos]), torch.cat([self._history_tables[1], sin])
-        self._history_tables = (cos, sin, last_group)
+        a, b = self._sparse_offsets[first_group], self._sparse_offsets[last_group]
+        old = self._history_tables
+        if old is None or old[0].shape[0] < b:  # buffers doubled when short, as the sparse KV's
+            size = b if old is None else max(b, 2 * old[0].shape[0])
+            new = [torch.empty(size, cos.shape[1], dtype=cos.dtype, device=cos.device) for _ in range(2)]
+            if old is not None:
+                new[0][:a], new[1][:a] = old[0][:a], old[1][:a]
+            old = (*new, first_group)
+        old[0][a:b], old[1][a:b] = cos, sin
+        self._history_tables = (old[0], old[1], last_group)
 
     def _history(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What later time tokens see in place of the spilled units' dense KV: their sparse KV, keys rotated
         at their original positions (`StreamingPrefill.history`)."""
         cos, sin, groups = self._history_tables
         rows = self._sparse_offsets[groups]
-        keys = apply_rope(self._sparse.keys[layer][:, :rows], cos, sin)
+        keys = apply_rope(self._sparse.keys[layer][:, :rows], cos[:rows], sin[:rows])
         return keys, self._sparse.values[layer][:, :rows]
 
     def _unit_rows(self, unit: int):
@@ -826,8 +833,17 @@ class LiveIngest:
         self._stop.set()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for both threads; True if they have ended."""
-        return self.done.wait(timeout)
+        """Wait for the ingest to end (`done`: everything read is appended and the session finished), then
+        for the reader thread; True if both have ended. A reader blocked on a source that sends nothing
+        (standard input, a stalled URL) ends at its next frame or the source's timeout, whichever comes
+        first, so after `stop()` it may outlive `done` by that much."""
+        start = time.monotonic()
+        if not self.done.wait(timeout):
+            return False
+        threads = [t for t in (self._appender, self._reader) if t is not None]
+        for thread in threads:
+            thread.join(None if timeout is None else max(0.0, timeout - (time.monotonic() - start)))
+        return not any(t.is_alive() for t in threads)
 
     def _fail(self, err: BaseException) -> None:
         with self._status_lock:
