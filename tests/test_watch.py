@@ -43,14 +43,12 @@ def ts_bytes(seconds: float, fps: int = FPS) -> bytes:
     return buffer.getvalue()
 
 
-# A producer process: writes a TS stream to stdout in real time (chunks every 0.1 s of stream time), and
-# the stream seconds written so far to stderr, one line per second.
-PRODUCER = f"""
+# A producer process: writes the TS file argv[1] to stdout in real time (argv[2] seconds of stream, a chunk
+# every 0.1 s), and the stream seconds written so far to stderr, one line per second.
+PRODUCER = """
 import sys, time
-sys.path.insert(0, {os.path.dirname(__file__)!r})
-from test_watch import ts_bytes
-data = ts_bytes(float(sys.argv[1]))
-seconds = float(sys.argv[1]); chunks = int(seconds * 10); size = len(data) // chunks + 1
+data = open(sys.argv[1], "rb").read()
+chunks = int(float(sys.argv[2]) * 10); size = len(data) // chunks + 1
 start = time.monotonic()
 for i in range(chunks):
     sys.stdout.buffer.write(data[i * size : (i + 1) * size]); sys.stdout.buffer.flush()
@@ -115,29 +113,39 @@ def test_watch_stdin_every_and_final(tiny_checkpoint, monkeypatch, capsys):
     assert final["ingest"]["state"] == "ended" and final["units"]
 
 
-def test_a_killed_producer_ends_cleanly_with_an_answer(tiny_checkpoint, tmp_path):
-    """`producer | videoxl2 watch -`: the producer is killed mid-stream (SIGKILL, mid-packet); watch still
-    answers from what it saw, saves that memory and exits 0."""
-    producer = subprocess.Popen(
-        [sys.executable, "-c", PRODUCER, "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def test_a_killed_producer_ends_cleanly_with_an_answer(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """`producer | videoxl2 watch -`: the producer process is killed mid-stream (SIGKILL, mid-packet); watch
+    still answers from what it saw, saves that memory and exits 0; the memory reopens with the same answer."""
+    stream = tmp_path / "stream.ts"
+    stream.write_bytes(ts_bytes(30.0))
+    read_fd, write_fd = os.pipe()
+    command = [sys.executable, "-c", PRODUCER, str(stream), "30"]
+    producer = subprocess.Popen(command, stdout=write_fd, stderr=subprocess.PIPE, text=True)
+    os.close(write_fd)  # the producer holds the only writing end: its death is the end of the stream
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(os.fdopen(read_fd, "rb")))
+
+    def kill_after_3_seconds():  # of stream written, while watch reads it
+        while int(producer.stderr.readline() or 30) < 3:
+            pass
+        producer.send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_3_seconds)
+    killer.start()
     memory = tmp_path / "seen.safetensors"
-    command = [*watch_exe(), "watch", "-", "--model", str(tiny_checkpoint), "--json", "--fps", "2"]
-    command += ["--question", QUESTION, "--max-new-tokens", "2", "--save-memory", str(memory)]
-    watcher = subprocess.Popen(command, stdin=producer.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    producer.stdout.close()  # the watcher holds the only reading end
-    while int(producer.stderr.readline() or 30) < 3:  # 3 s of stream written (a pipe holds it all)
-        pass
-    producer.send_signal(signal.SIGKILL)
-    producer.wait()
-    out, err = watcher.communicate(timeout=60)
-    assert watcher.returncode == 0, err.decode()[-2000:]
-    answers = records(out.decode())
+    argv = ["watch", "-", "--model", str(tiny_checkpoint), "--json", "--fps", "2", "--question", QUESTION]
+    code = main([*argv, "--max-new-tokens", "2", "--save-memory", str(memory)])
+    killer.join()
+    assert producer.wait() == -signal.SIGKILL
+    producer.stderr.close()
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    answers = records(out.out)
     assert [r["trigger"] for r in answers] == ["final"]
     final = answers[0]
     check_record(final)
     assert 4 <= final["frames_seen"] < 30, final  # 3 to 4 s of the 30 at 2 fps
-    assert "saved to" in err.decode()
+    assert final["ingest"]["ended"] == "end of stream" or final["ingest"]["ended"].startswith("source error")
+    assert "saved to" in out.err
     # the saved memory is what the final answer read: reopened, it gives the same answer
     from videoxl2 import load_model, load_tokenizer
     from videoxl2.engine.session import VideoSession
@@ -145,9 +153,11 @@ def test_a_killed_producer_ends_cleanly_with_an_answer(tiny_checkpoint, tmp_path
     reopened = VideoSession.from_memory(load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint), memory)
     again = reopened.ask(QUESTION, generation_config={"max_new_tokens": 2})
     assert again.text == final["answer"]
-    # it records its origin (the model, the frame times): `videoxl2 chat MEMORY_FILE Q` reopens it as such
-    assert reopened.stats["memory_origin"] == "recorded"
+    assert reopened.stats["memory_origin"] == "recorded"  # the model, the settings, the frame times
     assert len(reopened.timestamps) == final["frames_seen"]
+    chat = ["chat", str(memory), QUESTION, "--model", str(tiny_checkpoint), "--max-new-tokens", "2"]
+    assert main(chat) == 0
+    assert capsys.readouterr().out.strip() == final["answer"].strip()
 
 
 def test_ctrl_c_ends_cleanly_with_an_answer(tiny_checkpoint, tmp_path):
@@ -188,6 +198,39 @@ def test_ctrl_c_ends_cleanly_with_an_answer(tiny_checkpoint, tmp_path):
     assert answers[-1]["trigger"] == "final" and answers[-1]["frames_seen"] < 80
     assert answers[-1]["seconds_seen"] >= first["seconds_seen"]
     assert "stopped; answering from what was seen" in err
+
+
+def test_bounded_memory_spills_and_answers(tiny_checkpoint, tmp_path, capsys):
+    """--dense-horizon (bilevel by default then): old units go to disk while the stream is read, the final
+    answer reads the ones it selects back, and the spill folder is gone at the end."""
+    path = tmp_path / "stream.ts"
+    path.write_bytes(ts_bytes(20.0))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    argv = [
+        "watch",
+        str(path),
+        "--model",
+        str(tiny_checkpoint),
+        "--json",
+        "--fps",
+        "2",
+        "--follow-idle",
+        "0.2",
+    ]
+    argv += ["--question", QUESTION, "--max-new-tokens", "2", "--block-size", "2", "--prev-blocks", "1"]
+    argv += ["--unit-size", "2", "--topk", "1", "--dense-horizon", "4", "--spill-dir", str(spill)]
+    argv += ["--save-memory", str(tmp_path / "m.safetensors")]
+    assert main(argv) == 0, capsys.readouterr().err
+    (final,) = records(capsys.readouterr().out)
+    check_record(final)
+    # 20 s at 2 fps: 40 frames, 10 groups of 2 s, 5 units of 4 s; a 4 s horizon spills the oldest ones
+    assert final["frames_seen"] == 40 and final["spilled_units"] >= 2, final
+    dense = [u["index"] for u in final["units"]]
+    assert 0 in dense and 4 in dense  # the first and last units are always read dense
+    assert set(final["reloaded_units"]) == {u for u in dense if u < final["spilled_units"]}
+    assert list(spill.iterdir()) == []  # the session's own spill folder went with it
+    assert (tmp_path / "m.safetensors").stat().st_size > 0
 
 
 @pytest.mark.parametrize(

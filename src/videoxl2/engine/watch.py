@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="bounded memory: units older than this keep their sparse KV in memory, dense KV on disk",
+        help="bounded memory: units older than this keep their sparse KV in memory, dense KV on disk "
+        "(bilevel mode, the default then)",
     )
     parser.add_argument(
         "--max-memory",
@@ -197,6 +198,8 @@ class Watcher:
             units=dense_units(stats),
             answer_s=time.perf_counter() - start,
             memory_bytes=status["memory_bytes"],
+            spilled_units=stats.get("spilled_units", 0),
+            reloaded_units=stats.get("reloaded_units", []),
             ingest={k: status.get(k) for k in ("state", "lag_p50_s", "lag_p95_s", "ended")},
         )
         self.records.append(record)
@@ -306,7 +309,10 @@ def run(args) -> int:
     max_memory = max_memory_bytes(args)
     model = load_model(args.model, device=args.device, dtype=args.dtype, **_weight_kwargs(args))
     tokenizer = load_tokenizer(args.model)
-    settings = EngineSettings.from_config(model.config, **_engine_overrides(args))
+    overrides = _engine_overrides(args)
+    if (args.dense_horizon is not None or max_memory is not None) and args.mode is None:
+        overrides["mode"] = "bilevel"  # bounded memory answers from selected units
+    settings = EngineSettings.from_config(model.config, **overrides)
     session = LiveSession(
         model,
         tokenizer,
