@@ -222,10 +222,13 @@ class LiveSession:
     """A video pre-filled as it arrives (`append`), answerable at any moment (`ask`) from everything seen so
     far. See the module docstring for why its memory equals a one-shot pre-fill of the same frames.
 
-    `dense_horizon` (seconds) / `max_memory` (bytes of KV in use) make it bounded (bilevel mode, float KV;
-    see the module docstring); `spill_dir` is where spilled units go (a folder of their own inside it,
-    default a temporary folder), removed by `close()`. `progress`: a bar of seconds seen (None: on a
-    terminal only)."""
+    `dense_horizon` (seconds) / `max_memory` (bytes) make it bounded (bilevel mode, float KV; see the
+    module docstring). `max_memory` spills the oldest units' dense KV while the KV in use (`_in_use_bytes`:
+    `memory_bytes` less the slack of buffers grown by doubling) is over it; the sparse KV and the time
+    tokens' rows still grow (about a third of the dense KV per group), so a stream long enough for them
+    alone to pass it keeps only the pre-fill window dense. `spill_dir`: where spilled units go (a folder of
+    their own inside it; default a temporary folder), removed by `close()`. `progress`: a bar of seconds
+    seen (None: on a terminal only)."""
 
     spare_tokens = SPARE_TOKENS  # store slots kept free past the video: a question's room (grown if short)
 
@@ -538,10 +541,12 @@ class LiveSession:
         return self._spill_path / f"unit-{unit:07d}.safetensors"
 
     def _in_use_bytes(self) -> int:
-        """KV bytes in use (not allocated): the store's rows, the global copy's, the sparse KV's."""
+        """KV bytes in use: the store's filled rows and the spare slots a question needs, the global copy's
+        rows, the sparse KV's (what `memory_bytes` counts, less the slack of buffers grown by doubling)."""
         store = self.prefill.store
         per_row = 2 * self.prefill.runner.num_layers * kv_nbytes(store.key_buffers[0][:, :1])
-        rows = store.filled - store.shift + store.global_filled + self._sparse_offsets[self._sparse_groups]
+        sparse = self._sparse_offsets[self._sparse_groups] if self._sparse is not None else 0
+        rows = store.filled - store.shift + self.prefill.spare + store.global_filled + sparse
         return rows * per_row
 
     def _spill(self) -> None:
