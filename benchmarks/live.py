@@ -299,6 +299,9 @@ def summarize_case(name, spec, realtime, every, horizon, answers, samples, produ
             correct=normalize_text(final["answer"]) == normalize_text(needle.name),
             needle_unit_selected=bool(holder),
             dense_units=[u["index"] for u in units],
+            spilled_units=final.get("spilled_units", 0),
+            reloaded_units=final.get("reloaded_units", []),
+            needle_unit_reloaded=bool(holder) and holder[0]["index"] in final.get("reloaded_units", []),
         )
     case.update(rss_growth(samples, horizon))
     return case
