@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -69,7 +70,7 @@ def watch_exe() -> list[str]:
 
 def check_record(record: dict) -> None:
     assert FIELDS <= set(record), record
-    assert record["question"] == QUESTION and isinstance(record["answer"], str)
+    assert isinstance(record["answer"], str)
     assert record["answer_s"] > 0 and record["frames_seen"] >= 1
     for unit in record["units"]:
         assert {"index", "start_seconds", "end_seconds"} <= set(unit)
@@ -160,9 +161,9 @@ def test_a_killed_producer_ends_cleanly_with_an_answer(tiny_checkpoint, tmp_path
     assert capsys.readouterr().out.strip() == final["answer"].strip()
 
 
-def test_ctrl_c_ends_cleanly_with_an_answer(tiny_checkpoint, tmp_path):
-    """A followed file still being written; Ctrl-C (SIGINT) after the first --every answer: exit 0, a
-    final answer from what was seen."""
+def test_typed_questions_and_ctrl_c(tiny_checkpoint, tmp_path):
+    """A followed file still being written, a terminal on standard input: a line typed there is answered;
+    Ctrl-C (SIGINT) then ends the watch with exit 0 and a final answer from what was seen."""
     path = tmp_path / "growing.ts"
     path.write_bytes(b"")
     data = ts_bytes(40.0)
@@ -181,23 +182,31 @@ def test_ctrl_c_ends_cleanly_with_an_answer(tiny_checkpoint, tmp_path):
     thread.start()
     command = [*watch_exe(), "watch", str(path), "--model", str(tiny_checkpoint), "--json", "--fps", "2"]
     command += ["--question", QUESTION, "--every", "1", "--max-new-tokens", "2"]
-    watcher = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    terminal, tty = pty.openpty()
+    watcher = subprocess.Popen(command, stdin=tty, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(tty)
     try:
         first = json.loads(watcher.stdout.readline())
         assert first["trigger"] == "every", first
+        os.write(terminal, b"What shape?\n")
+        answers = [first]
+        while answers[-1]["trigger"] != "typed":
+            answers.append(json.loads(watcher.stdout.readline()))
         watcher.send_signal(signal.SIGINT)
         out, err = watcher.communicate(timeout=60)
     finally:
         stop.set()
+        os.close(terminal)
         if watcher.poll() is None:
             watcher.kill()
     assert watcher.returncode == 0, err[-2000:]
-    answers = [first, *records(out)]
-    assert answers[-1]["trigger"] == "final" and answers[-1]["frames_seen"] < 80
-    assert answers[-1]["seconds_seen"] >= first["seconds_seen"]
-    assert "stopped; answering from what was seen" in err
+    answers += records(out)
+    typed = next(a for a in answers if a["trigger"] == "typed")
+    assert typed["question"] == "What shape?" and typed["frames_seen"] >= first["frames_seen"]
+    final = answers[-1]
+    assert final["trigger"] == "final" and final["question"] == QUESTION and final["frames_seen"] < 80
+    assert final["seconds_seen"] >= typed["seconds_seen"]
+    assert "type a question" in err and "stopped; answering from what was seen" in err
 
 
 def test_bounded_memory_spills_and_answers(tiny_checkpoint, tmp_path, capsys):

@@ -28,7 +28,7 @@ HELP = "watch a live stream (a growing file, - for stdin, or a URL) and answer q
 DEFAULT_QUESTION = "Describe the video."
 POLL_S = 0.1  # how often the main thread looks at the stream (ticks of --every, typed questions)
 STATUS_S = 0.5  # how often the status line on stderr is redrawn
-STOP_JOIN_S = 15.0  # how long Ctrl-C waits for the reader to let go before answering from what it has
+STOP_WAIT_S = 15.0  # how long Ctrl-C waits for the frames read to be appended before answering from the rest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -336,7 +336,8 @@ def run(args) -> int:
             watcher.clear_status()
             print("videoxl2: stopped; answering from what was seen", file=sys.stderr, flush=True)
             ingest.stop()
-        ingest.join(timeout=STOP_JOIN_S)
+        # not join(): a reader blocked on a silent source outlives the ingest; it is a daemon thread
+        ingest.done.wait(STOP_WAIT_S)
         watcher.clear_status()
         error = ingest_error(ingest, args.source)
         if session.frames_seen == 0:
