@@ -329,10 +329,12 @@ def run(args) -> int:
         )
         watcher = Watcher(session, ingest, args)
         ingest.start()
+        interrupted = False
         try:
             with torch.inference_mode():
                 watcher.watch()
         except KeyboardInterrupt:
+            interrupted = True
             watcher.clear_status()
             print("videoxl2: stopped; answering from what was seen", file=sys.stderr, flush=True)
             ingest.stop()
@@ -341,7 +343,7 @@ def run(args) -> int:
         watcher.clear_status()
         error = ingest_error(ingest, args.source)
         if session.frames_seen == 0:
-            ended = ingest.status().get("ended") or "the stream ended"
+            ended = "stopped" if interrupted else ingest.status().get("ended") or "the stream ended"
             raise VideoDecodeError(error or f"{args.source}: no frames were seen ({ended})")
         with torch.inference_mode():
             watcher.final()
