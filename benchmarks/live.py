@@ -386,7 +386,8 @@ def row(case: dict) -> str:
     right = {True: "yes", False: "no", None: "-"}[case.get("correct")]
     return (
         f"{case['name']:<11}{case['mode']:<9}{case['stream_s'] / 60:>6.0f}m{case['wall_s']:>6.0f}s"
-        f"{fmt(case.get('lag_p50_s')):>8}{fmt(case.get('lag_p95_s')):>6}"
+        f"{fmt(case.get('lag_p50_s') if case['realtime'] else None):>8}"
+        f"{fmt(case.get('lag_p95_s') if case['realtime'] else None):>6}"
         f"{fmt(case.get('producer_lag_p95_s')):>9}{every:>7}"
         f"{fmt(case['answer_latency_p50_s']):>8}{fmt(case['answer_latency_p95_s']):>6}{rss:>14}"
         f"{growth + '%' if growth != '-' else '-':>8}{selected:>7}{right:>6}"
