@@ -329,6 +329,31 @@ def test_ingest_follows_a_growing_file_to_its_end(tiny, tmp_path):
         assert_same_memory(view.memory, reference.memory, "ingest")
 
 
+def test_a_slow_session_backs_the_reader_up_instead_of_queueing_without_end(tiny, tmp_path, monkeypatch):
+    """A source faster than the model: the reader holds at most `QUEUE_BATCHES` batches of decoded frames
+    and waits (the source backs up); every frame still arrives, in order."""
+    import videoxl2.engine.live as live_module
+
+    model, tokenizer = tiny
+    monkeypatch.setattr(live_module, "QUEUE_BATCHES", 1)
+    path = tmp_path / "fast.ts"
+    path.write_bytes(ts_stream(6.0, seed=3))
+    live = LiveSession(model, tokenizer, settings_for("chunked"), progress=False)
+    seen, append = [], live.append
+
+    def slow_append(frames, timestamps):
+        seen.append(ingest._queue.qsize())
+        time.sleep(0.05)
+        append(frames, timestamps)
+
+    monkeypatch.setattr(live, "append", slow_append)
+    ingest = LiveIngest(live, path, fps=4.0, follow_idle_s=0.2)
+    assert ingest._queue.maxsize == live.batch_frames
+    assert ingest.start().join(timeout=60)
+    assert ingest.status()["state"] == "ended" and live.frames_seen == 24, ingest.status()
+    assert max(seen) <= live.batch_frames, seen
+
+
 def test_a_source_that_breaks_off_ends_the_stream_with_what_was_seen(tiny, tmp_path):
     model, tokenizer = tiny
     data = ts_stream(6.0, seed=2)

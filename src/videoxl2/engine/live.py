@@ -63,14 +63,17 @@ from ..errors import InputError
 from ..prompt import IMAGE_MARKER, GroupSpan, TokenLayout, build_prompt, time_text
 from ..video.live import LiveStats, iter_live_frames
 from ..video.preprocess import preprocess_frames
-from .memory import SPARSE_CHUNK_GROUPS, MixedCache, VideoMemory, pool
+from .memory import SPARSE_CHUNK_GROUPS, MixedCache, VideoMemory, pool, sparse_rows
 from .prefill import SPARE_TOKENS, StreamingPrefill, empty_kv, kv_nbytes
-from .runner import apply_rope, upload
+from .runner import apply_rope
 from .session import FRAME_BATCH, Answer, StageClock, VideoSession
 from .settings import EngineSettings
 
 LAG_SAMPLES = 100_000  # lag samples kept for the percentiles (a day at 1 fps); older ones are dropped
 POLL_S = 0.1  # how often the appender, waiting for frames, looks at the stop event
+QUEUE_BATCHES = 4  # decoded frames the reader may hold ahead of the session, in batches: past it the reader
+# waits and the source backs up (a pipe or socket fills; lag shows it), so a stream faster than the model
+# cannot grow memory without end (an hour written at full speed queued ~50 MB of frames)
 
 
 class LayoutBuilder:
@@ -513,18 +516,7 @@ class LiveSession:
         for c in range(first, end, SPARSE_CHUNK_GROUPS):
             chunk = groups[c : min(c + SPARSE_CHUNK_GROUPS, end)]
             a, b = chunk[0].time_start, chunk[-1].end
-            time_rows, visual_rows, time_dst, pooled_dst = [], [], [], []
-            cursor = 0
-            for g in chunk:
-                count, pooled = g.visual_start - g.time_start, (g.end - g.visual_start) // step
-                time_rows.append(torch.arange(g.time_start - a, g.visual_start - a))
-                visual_rows.append(torch.arange(g.visual_start - a, g.end - a))
-                time_dst.append(torch.arange(cursor, cursor + count))
-                pooled_dst.append(torch.arange(cursor + count, cursor + count + pooled))
-                cursor += count + pooled
-            time_rows, visual_rows, time_dst, pooled_dst = (
-                upload(torch.cat(x), device) for x in (time_rows, visual_rows, time_dst, pooled_dst)
-            )
+            time_rows, visual_rows, time_dst, pooled_dst = sparse_rows(chunk, step, device)
             cos, sin = runner.rope_tables(-torch.arange(a, b, dtype=torch.float64), device)
             s0, s1 = offsets[c], offsets[c + len(chunk)]
             for layer in range(runner.num_layers):
@@ -793,8 +785,10 @@ class LiveIngest:
 
     Two threads: a reader (`iter_live_frames` at `fps`) puts frames in a queue as they are decoded, and an
     appender gives the session whatever has arrived (up to one batch) at a time, so a slow model delays
-    answerability but never makes the reader miss frames. At the end of the stream, a dropped source or
-    `stop()`, what arrived is appended and the session finished: the memory seen so far answers.
+    answerability but never makes the reader miss frames. The queue holds `QUEUE_BATCHES` batches at most:
+    past that the reader waits and the source backs up, which the lag reports. At the end of the stream, a
+    dropped source or `stop()`, what arrived is appended and the session finished: the memory seen so far
+    answers.
 
     Lag: the stream clock is the first frame's time plus the wall time since it arrived. A frame's lag is
     the stream clock when it became answerable (appended) minus its own time, or, for a source faster than
@@ -814,7 +808,7 @@ class LiveIngest:
         self.stats = LiveStats()
         self.done = threading.Event()
         self._stop = threading.Event()
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES * session.batch_frames)
         self._state = "starting"
         self._error: str | None = None
         self._first: tuple[float, float] | None = None  # (wall clock, stream seconds) of the first frame
@@ -869,11 +863,21 @@ class LiveIngest:
                         self._first = (now, seconds)
                         if self._state == "starting":
                             self._state = "running"
-                self._queue.put((frame, seconds, now))
+                self._put((frame, seconds, now))
         except BaseException as err:  # noqa: BLE001 (kept as the one-line error, never lost)
             self._fail(err)
         finally:
-            self._queue.put(None)
+            self._put(None)
+
+    def _put(self, item) -> None:
+        """Queue `item`, waiting while the queue is full, unless the appender has ended (nothing would take
+        it)."""
+        while not self.done.is_set():
+            try:
+                self._queue.put(item, timeout=POLL_S)
+                return
+            except queue.Full:
+                continue
 
     def _take(self) -> tuple[list, bool]:
         """Frames that have arrived (waiting for at least one), up to one batch; True once there will be no

@@ -191,18 +191,7 @@ class VideoMemory:
         for first in range(0, len(groups), SPARSE_CHUNK_GROUPS):
             chunk = groups[first : first + SPARSE_CHUNK_GROUPS]
             a, b = chunk[0].time_start, chunk[-1].end
-            time_rows, visual_rows, time_dst, pooled_dst = [], [], [], []
-            cursor = 0
-            for g in chunk:
-                count, pooled = g.visual_start - g.time_start, (g.end - g.visual_start) // step
-                time_rows.append(torch.arange(g.time_start - a, g.visual_start - a))
-                visual_rows.append(torch.arange(g.visual_start - a, g.end - a))
-                time_dst.append(torch.arange(cursor, cursor + count))
-                pooled_dst.append(torch.arange(cursor + count, cursor + count + pooled))
-                cursor += count + pooled
-            time_rows, visual_rows, time_dst, pooled_dst = (
-                upload(torch.cat(x), device) for x in (time_rows, visual_rows, time_dst, pooled_dst)
-            )
+            time_rows, visual_rows, time_dst, pooled_dst = sparse_rows(chunk, step, device)
             cos, sin = runner.rope_tables(-torch.arange(a, b, dtype=torch.float64), device)
             s0, s1 = self.sparse_offsets[first], self.sparse_offsets[first + len(chunk)]
             for layer in range(len(self.keys)):
@@ -591,6 +580,23 @@ def _read_layer(handle, name: str, spare: int, device: torch.device, dtype) -> t
     out = torch.empty(heads, length + spare, dim, dtype=dtype or stored.dtype, device=device)
     out[:, :length] = stored
     return out
+
+
+def sparse_rows(chunk, step: int, device) -> tuple[torch.Tensor, ...]:
+    """Where a run of groups' sparse KV comes from and goes, on `device`: (time-token rows, visual rows) in
+    the run's dense KV (counted from its first group's start), and (time-token slots, pooled slots) in its
+    sparse KV (from the run's first sparse slot): time tokens kept, visual tokens pooled `step` to one."""
+    a = chunk[0].time_start
+    time_rows, visual_rows, time_dst, pooled_dst = [], [], [], []
+    cursor = 0
+    for g in chunk:
+        count, pooled = g.visual_start - g.time_start, (g.end - g.visual_start) // step
+        time_rows.append(torch.arange(g.time_start - a, g.visual_start - a))
+        visual_rows.append(torch.arange(g.visual_start - a, g.end - a))
+        time_dst.append(torch.arange(cursor, cursor + count))
+        pooled_dst.append(torch.arange(cursor + count, cursor + count + pooled))
+        cursor += count + pooled
+    return tuple(upload(torch.cat(x), device) for x in (time_rows, visual_rows, time_dst, pooled_dst))
 
 
 def pool(x: torch.Tensor, step: int) -> torch.Tensor:
