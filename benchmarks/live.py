@@ -308,19 +308,28 @@ def summarize_case(name, spec, realtime, every, horizon, answers, samples, produ
 
 
 def rss_growth(samples: list[dict], horizon) -> dict:
-    """RSS when the stream passed the first horizon (or its first third in exact mode) and at the end."""
+    """RSS when the stream passed the first horizon (or its first third in exact mode), when the whole
+    stream had been seen (the first sample at its last second: what the stream left, before the final
+    question's working memory), and the peak after the mark (the final question included)."""
     seen = [s for s in samples if s["seconds_seen"] is not None]
     if not seen:
         return {}
     stream_end = seen[-1]["seconds_seen"]
     mark = horizon if horizon is not None else stream_end / 3
     after = [s for s in seen if s["seconds_seen"] >= mark] or seen[-1:]
-    first, last = after[0]["rss_mib"], max(s["rss_mib"] for s in after)
+    first, peak = after[0]["rss_mib"], max(s["rss_mib"] for s in after)
+    end = next(s["rss_mib"] for s in after if s["seconds_seen"] >= stream_end)
+
+    def growth(value):
+        return round(100 * (value - first) / first, 1) if first else None
+
     return dict(
         rss_mark_s=mark,
         rss_at_mark_mib=first,
-        rss_peak_after_mark_mib=last,
-        rss_growth_after_mark_pct=round(100 * (last - first) / first, 1) if first else None,
+        rss_at_end_mib=end,
+        rss_growth_to_end_pct=growth(end),
+        rss_peak_after_mark_mib=peak,
+        rss_growth_after_mark_pct=growth(peak),
         rss_peak_mib=max(s["rss_mib"] for s in samples),
     )
 
@@ -362,6 +371,7 @@ def long_summary(cases: list[dict]) -> dict:
                 trials=len(rows),
                 accuracy_pct=100 * float(np.mean([c["correct"] for c in rows])),
                 needle_unit_selected_pct=100 * float(np.mean([c["needle_unit_selected"] for c in rows])),
+                rss_growth_to_end_pct=[c.get("rss_growth_to_end_pct") for c in rows],
                 rss_growth_after_mark_pct=[c.get("rss_growth_after_mark_pct") for c in rows],
                 wall_s=[c["wall_s"] for c in rows],
             )
@@ -374,14 +384,19 @@ def fmt(value, spec=".2f") -> str:
 
 HEADER = (
     f"{'case':<11}{'mode':<9}{'stream':>7}{'wall':>7}{'lag p50':>8}{'p95':>6}{'pipe p95':>9}{'every':>7}"
-    f"{'ans p50':>8}{'p95':>6}{'RSS MiB':>14}{'growth':>8}{'needle':>7}{'right':>6}"
+    f"{'ans p50':>8}{'p95':>6}{'RSS MiB mark/end/peak':>22}{'to end':>8}{'peak':>7}{'needle':>7}{'right':>6}"
 )
 
 
 def row(case: dict) -> str:
     every = f"{case['every_answers_while_streaming']}/{case['every_answers']}" if case["every_s"] else "-"
-    rss = f"{fmt(case.get('rss_at_mark_mib'), '.0f')}->{fmt(case.get('rss_peak_after_mark_mib'), '.0f')}"
-    growth = fmt(case.get("rss_growth_after_mark_pct"), ".1f")
+    rss = "/".join(
+        fmt(case.get(k), ".0f") for k in ("rss_at_mark_mib", "rss_at_end_mib", "rss_peak_after_mark_mib")
+    )
+    to_end, growth = (
+        fmt(case.get("rss_growth_to_end_pct"), ".1f"),
+        fmt(case.get("rss_growth_after_mark_pct"), ".1f"),
+    )
     selected = {True: "yes", False: "no", None: "-"}[case.get("needle_unit_selected")]
     right = {True: "yes", False: "no", None: "-"}[case.get("correct")]
     return (
@@ -389,9 +404,9 @@ def row(case: dict) -> str:
         f"{fmt(case.get('lag_p50_s') if case['realtime'] else None):>8}"
         f"{fmt(case.get('lag_p95_s') if case['realtime'] else None):>6}"
         f"{fmt(case.get('producer_lag_p95_s')):>9}{every:>7}"
-        f"{fmt(case['answer_latency_p50_s']):>8}{fmt(case['answer_latency_p95_s']):>6}{rss:>14}"
-        f"{growth + '%' if growth != '-' else '-':>8}{selected:>7}{right:>6}"
-        + ("" if case["exit_code"] == 0 else f"  exit {case['exit_code']}")
+        f"{fmt(case['answer_latency_p50_s']):>8}{fmt(case['answer_latency_p95_s']):>6}{rss:>22}"
+        f"{to_end + '%' if to_end != '-' else '-':>8}{growth + '%' if growth != '-' else '-':>7}"
+        f"{selected:>7}{right:>6}" + ("" if case["exit_code"] == 0 else f"  exit {case['exit_code']}")
     )
 
 

@@ -521,12 +521,16 @@ def test_bounded_memory_stops_growing_past_the_horizon(tiny, tmp_path):
         groups.append(live.prefill.groups_done)
     # the dense store reaches its size within the horizon (plus the window) and then stays there
     assert store_bytes[3:] == [store_bytes[3]] * len(store_bytes[3:]), store_bytes
-    # what still grows is each group's sparse KV and its time tokens' global rows, nothing else
+    # what still grows is each group's sparse KV (its time tokens and pooled visual tokens), nothing else: a
+    # spilled unit's time tokens leave the global copy (its sparse KV stands in for them)
     layout = live._builder.layout()
     g = layout.groups[-1]
     per_row = 2 * model.config.text_config.num_hidden_layers * kv_nbytes(store.key_buffers[0][:, :1])
     time_rows, dense_rows = g.visual_start - g.time_start, g.end - g.time_start
-    expected = (2 * time_rows + (g.end - g.visual_start) // 4) * per_row
+    expected = (time_rows + (g.end - g.visual_start) // 4) * per_row
+    assert store.global_shift == live.prefill.global_start[live.spilled_units * settings.unit_size] - (
+        layout.video_start
+    )
     growth = (in_use[-1] - in_use[3]) / (groups[-1] - groups[3])
     slack = 2 * dense_rows * per_row / (groups[-1] - groups[3])  # one unit more or less in the store
     assert abs(growth - expected) <= slack, (growth, expected, dense_rows * per_row)

@@ -57,6 +57,7 @@ weights are to store exactly this, so the planner's bytes stay equal to the byte
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib
 import json
@@ -675,3 +676,12 @@ def check_fits(
         available=budget_bytes,
         frames_that_fit=fit,
     )
+
+
+def malloc_trim() -> None:
+    """Hand memory freed by the allocator back to the system (glibc's `malloc_trim`; elsewhere nothing).
+    Tensors of a few MB come from malloc's heap, and freed ones otherwise stay in the process."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

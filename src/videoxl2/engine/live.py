@@ -27,13 +27,17 @@ keeps reading meanwhile).
 Bounded memory (`dense_horizon` seconds and/or `max_memory` bytes, bilevel mode): every group's sparse KV
 stays in memory, and the dense KV of a unit older than the horizon (or, while the KV in use is over
 `max_memory`, of the oldest units) goes to a safetensors file of its own under `spill_dir` and leaves the
-store (`KVStore.compact`), so the store stops growing; what still grows is the sparse KV and the time tokens'
-global rows (about a third of the dense KV per group with the release's 144 + ~6 tokens and compression 4).
-Only units before the next block's window can go: the window's visual tokens attend to its dense KV. A
-question scores units on the sparse KV as usual and reads back the spilled units it selects
-(`SpilledMemory`). The release lets time tokens see every earlier key, which a bounded store cannot keep:
-once units are spilled, later time tokens see their sparse KV (keys at their original positions) instead,
-so a bounded session is exact up to its first spill and an approximation after it. Exact mode (the
+store (`KVStore.compact`), and its time tokens leave the global copy chunked pre-fill reads
+(`KVStore.compact_globals`), so both stop growing; what still grows is the sparse KV (time tokens and pooled
+visual tokens: about 28% of the dense KV per group with the release's 144 + ~6 tokens and compression 4; 48%
+for the demo model's 16 + ~8). Only units before the next block's window can go: the window's visual tokens
+attend to its dense KV. A question scores units on the sparse KV as usual and reads back the spilled units it
+selects (`SpilledMemory`). The release lets time tokens see every earlier key, which a bounded store cannot
+keep: once units are spilled, later time tokens see their sparse KV (keys at their original positions)
+instead, and later visual tokens see the spilled time tokens through the sparse KV too (their keys rotated
+back and forth: equal to the dropped global rows up to rounding), so a bounded session is exact up to its
+first spill and an approximation after it. Freed memory is handed back to the system after each spill
+(`budget.malloc_trim`). Exact mode (the
 default) keeps everything and is never changed by any of this.
 
 `LiveIngest` runs a source (`video.live.iter_live_frames`: standard input, a followed file, a URL) into a
@@ -63,9 +67,10 @@ from ..errors import InputError
 from ..prompt import IMAGE_MARKER, GroupSpan, TokenLayout, build_prompt, time_text
 from ..video.live import LiveStats, iter_live_frames
 from ..video.preprocess import preprocess_frames
+from .budget import malloc_trim
 from .memory import SPARSE_CHUNK_GROUPS, MixedCache, VideoMemory, pool, sparse_rows
 from .prefill import SPARE_TOKENS, StreamingPrefill, empty_kv, kv_nbytes
-from .runner import apply_rope
+from .runner import apply_rope, upload
 from .session import FRAME_BATCH, Answer, StageClock, VideoSession
 from .settings import EngineSettings
 
@@ -305,6 +310,8 @@ class LiveSession:
                 Path(spill_dir).mkdir(parents=True, exist_ok=True)
                 self._spill_path = Path(tempfile.mkdtemp(prefix="live-", dir=spill_dir))
             self.prefill.history = self._history
+            self.prefill.global_history = self._global_history
+            self._time_index: tuple[torch.Tensor, int] | None = None
 
     # -- state -------------------------------------------------------------------------------------------
     @property
@@ -538,7 +545,8 @@ class LiveSession:
         store = self.prefill.store
         per_row = 2 * self.prefill.runner.num_layers * kv_nbytes(store.key_buffers[0][:, :1])
         sparse = self._sparse_offsets[self._sparse_groups] if self._sparse is not None else 0
-        rows = store.filled - store.shift + self.prefill.spare + store.global_filled + sparse
+        globals_ = store.global_filled - store.global_shift
+        rows = store.filled - store.shift + self.prefill.spare + globals_ + sparse
         return rows * per_row
 
     def _spill(self) -> None:
@@ -577,7 +585,11 @@ class LiveSession:
                 )
             save_file(tensors, str(self._unit_file(u)))
         store.compact(groups[unit * settings.unit_size].time_start, self._builder.video_start)
+        # the spilled units' time tokens leave the global copy too: their sparse KV holds them
+        store.compact_globals(prefill.global_start[unit * settings.unit_size], self._builder.video_start)
         self._spilled_units = unit
+        malloc_trim()  # the compacted rows and any grown buffers' old copies: back to the system, or an
+        # endless stream's resident memory keeps the freed heap (an hour: ~10% of the process more)
         # RoPE tables of the spilled sparse keys at their original positions (pooled: the mean of theirs)
         first_group = 0 if self._history_tables is None else self._history_tables[2]
         last_group = unit * settings.unit_size
@@ -605,6 +617,21 @@ class LiveSession:
         rows = self._sparse_offsets[groups]
         keys = apply_rope(self._sparse.keys[layer][:, :rows], cos[:rows], sin[:rows])
         return keys, self._sparse.values[layer][:, :rows]
+
+    def _global_history(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What later visual tokens see in place of the global rows `compact_globals` dropped: the spilled
+        units' time tokens from their sparse KV (keys rotated at their original positions)."""
+        keys, values = self._history(layer)
+        groups = self._history_tables[2]
+        if self._time_index is None or self._time_index[1] != groups:
+            offsets, spans = self._sparse_offsets, self._builder.groups[:groups]
+            rows = [
+                torch.arange(offsets[i], offsets[i] + g.visual_start - g.time_start)
+                for i, g in enumerate(spans)
+            ]
+            self._time_index = (upload(torch.cat(rows), self.device), groups)
+        index = self._time_index[0]
+        return keys.index_select(1, index), values.index_select(1, index)
 
     def _unit_rows(self, unit: int):
         """(keys per layer, values per layer, read from disk?) of a unit's dense KV."""

@@ -246,6 +246,8 @@ class KVStore:
     global_filled: int = 0
     shift: int = 0  # rows removed after the prefix (a bounded live session's spilled units): token i >= the
     # prefix is at row i - shift; 0 everywhere else
+    global_shift: int = 0  # the same for the global copy: the spilled units' time tokens (their sparse KV
+    # holds them), global row j >= the prefix at j - global_shift
 
     def __post_init__(self):
         self.keys = [t[:, : self.length - self.shift] for t in self.key_buffers]
@@ -298,10 +300,11 @@ class KVStore:
             size = max(need, 2 * self.capacity)
             self.key_buffers = [_regrown(t, size, rows) for t in self.key_buffers]
             self.value_buffers = [_regrown(t, size, rows) for t in self.value_buffers]
-        if self.global_keys and self.global_keys[0].shape[1] < global_count:
-            size = max(global_count, 2 * int(self.global_keys[0].shape[1]))
-            self.global_keys = [_regrown(t, size, self.global_filled) for t in self.global_keys]
-            self.global_values = [_regrown(t, size, self.global_filled) for t in self.global_values]
+        global_need, global_rows = global_count - self.global_shift, self.global_filled - self.global_shift
+        if self.global_keys and self.global_keys[0].shape[1] < global_need:
+            size = max(global_need, 2 * int(self.global_keys[0].shape[1]))
+            self.global_keys = [_regrown(t, size, global_rows) for t in self.global_keys]
+            self.global_values = [_regrown(t, size, global_rows) for t in self.global_values]
         self.length = length
         self.__post_init__()
 
@@ -323,6 +326,17 @@ class KVStore:
                 t[:, video_start : video_start + b - a] = t[:, a:b].clone()
         self.shift = shift
         self.__post_init__()
+
+    def compact_globals(self, first_kept: int, video_start: int) -> None:
+        """Drop the global rows [video_start, first_kept) (time tokens of spilled units, which their sparse
+        KV keeps): the rows after them move down to the end of the prefix, `global_shift` says by how much."""
+        shift = first_kept - video_start
+        if shift < self.global_shift or first_kept > self.global_filled:
+            raise ValueError(f"cannot drop global rows up to {first_kept} (dropped: {self.global_shift})")
+        a, b = first_kept - self.global_shift, self.global_filled - self.global_shift
+        for t in (*self.global_keys, *self.global_values):
+            t[:, video_start : video_start + b - a] = t[:, a:b].clone()
+        self.global_shift = shift
 
 
 def _regrown(t, size: int, filled: int):
@@ -380,6 +394,9 @@ class StreamingPrefill:
         # groups then see, in their place, what `history(layer)` gives: (keys rotated at their positions,
         # values) in the compute dtype. None: nothing was dropped.
         self.history = None
+        # ... and their visual tokens, in place of the dropped global rows (`KVStore.compact_globals`), what
+        # `global_history(layer)` gives: those time tokens' (keys rotated at their positions, values).
+        self.global_history = None
         # Host-side geometry: where each group's time tokens go in the compact global store.
         self.global_start, count = [], layout.video_start
         for g in layout.groups:
@@ -437,6 +454,7 @@ class StreamingPrefill:
         store.key_buffers[layer][:, start:end] = k
         store.value_buffers[layer][:, start:end] = v
         for a, b, g0 in spans:
+            g0 -= store.global_shift
             store.global_keys[layer][:, g0 : g0 + b - a] = k[:, a:b]
             store.global_values[layer][:, g0 : g0 + b - a] = v[:, a:b]
 
@@ -508,7 +526,7 @@ class StreamingPrefill:
         ]
         store = self.store
         shift = store.shift
-        if shift and (self.int8 or old == window_start):
+        if (shift or store.global_shift) and (self.int8 or old == window_start):
             raise ValueError("rows were dropped from the store that this block needs (int8, or its window)")
         if self.int8:
             attend = self._int8_block_attention(groups, start, window_start, old, spans)
@@ -523,8 +541,15 @@ class StreamingPrefill:
                 gathered_k, gathered_v = keys[:, :end], values[:, :end]
             else:
                 window = slice(window_start - shift, end - shift)
-                gathered_k = torch.cat([store.global_keys[layer][:, :old], keys[:, window]], 1)
-                gathered_v = torch.cat([store.global_values[layer][:, :old], values[:, window]], 1)
+                gk, gv = store.global_keys[layer], store.global_values[layer]
+                if store.global_shift:  # prefix, the dropped rows' replacement, the rows kept
+                    video, kept = self.layout.video_start, old - store.global_shift
+                    hist_k, hist_v = self.global_history(layer)
+                    gathered_k = torch.cat([gk[:, :video], hist_k, gk[:, video:kept], keys[:, window]], 1)
+                    gathered_v = torch.cat([gv[:, :video], hist_v, gv[:, video:kept], values[:, window]], 1)
+                else:
+                    gathered_k = torch.cat([gk[:, :old], keys[:, window]], 1)
+                    gathered_v = torch.cat([gv[:, :old], values[:, window]], 1)
             time_k, time_v, behind = keys, values, 0  # what the time tokens see; rows behind the store
             if shift:  # prefix, then what replaced the dropped rows, then the rows kept
                 video = self.layout.video_start

@@ -23,7 +23,6 @@ dtype. What is stored, as `engine/budget.py` states it (`WEIGHT_INT8_*`, `WEIGHT
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -195,19 +194,11 @@ def quantize_model(model, quantize: str | None, device=None, vision: bool = Fals
         if quantize == "int8":
             _drop_zero_point(module)
         if where.type == "cpu":
-            malloc_trim()  # each conversion's float temporaries, back to the system at once: halves the peak
+            # each conversion's float temporaries, back to the system at once: halves the peak
+            budget.malloc_trim()
         report.quantized.append(name)
     model.quantization = report
     return report
-
-
-def malloc_trim() -> None:
-    """Hand memory freed by the allocator back to the system (glibc's `malloc_trim`; elsewhere nothing).
-    Tensors of a few MB come from malloc's heap, and freed ones otherwise stay in the process."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def release_float_copies(model) -> None:
@@ -220,7 +211,7 @@ def release_float_copies(model) -> None:
         if type(param) is nn.Parameter and param.device.type == "cpu":
             param.data = param.data.clone()
     gc.collect()
-    malloc_trim()
+    budget.malloc_trim()
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
