@@ -311,7 +311,7 @@ class LiveSession:
                 self._spill_path = Path(tempfile.mkdtemp(prefix="live-", dir=spill_dir))
             self.prefill.history = self._history
             self.prefill.global_history = self._global_history
-            self._time_index: tuple[torch.Tensor, int] | None = None
+            self._time_index: tuple | None = None  # (rows, cos, sin, groups) of `_global_history`
 
     # -- state -------------------------------------------------------------------------------------------
     @property
@@ -620,18 +620,20 @@ class LiveSession:
 
     def _global_history(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What later visual tokens see in place of the global rows `compact_globals` dropped: the spilled
-        units' time tokens from their sparse KV (keys rotated at their original positions)."""
-        keys, values = self._history(layer)
-        groups = self._history_tables[2]
-        if self._time_index is None or self._time_index[1] != groups:
+        units' time tokens from their sparse KV (keys rotated at their original positions). Their rows and
+        RoPE tables are picked once per spill, so a block rotates only these rows."""
+        cos, sin, groups = self._history_tables
+        if self._time_index is None or self._time_index[3] != groups:
             offsets, spans = self._sparse_offsets, self._builder.groups[:groups]
             rows = [
                 torch.arange(offsets[i], offsets[i] + g.visual_start - g.time_start)
                 for i, g in enumerate(spans)
             ]
-            self._time_index = (upload(torch.cat(rows), self.device), groups)
-        index = self._time_index[0]
-        return keys.index_select(1, index), values.index_select(1, index)
+            index = upload(torch.cat(rows), self.device)
+            self._time_index = (index, cos.index_select(0, index), sin.index_select(0, index), groups)
+        index, time_cos, time_sin, _ = self._time_index
+        keys = apply_rope(self._sparse.keys[layer].index_select(1, index), time_cos, time_sin)
+        return keys, self._sparse.values[layer].index_select(1, index)
 
     def _unit_rows(self, unit: int):
         """(keys per layer, values per layer, read from disk?) of a unit's dense KV."""
