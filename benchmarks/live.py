@@ -14,7 +14,8 @@ video?", every `--every` seconds of stream time and once at the end.
 2. Long (`--long-minutes`, default 60, `--trials`): the same stream written as fast as the watcher takes it
    (no pacing: the pipe's back-pressure sets the pace, so stream time runs faster than real time and lag
    says nothing), asked once at the end: whether the needle's unit is among the units the answer read
-   dense, whether the answer names the needle, RSS from the first horizon to the end; exact vs bounded.
+   dense, whether the answer names the needle, RSS from the first horizon to the end (the trend: the median
+   of 5 samples after the horizon against the last 5 before the end; and the peak); exact vs bounded.
 
 Both run in bi-level mode (selection is what bounded mode reloads by). Each case is one `videoxl2 watch`
 process; this script only produces, watches RSS and reads the JSON lines.
@@ -307,6 +308,9 @@ def summarize_case(name, spec, realtime, every, horizon, answers, samples, produ
     return case
 
 
+WINDOW = 5  # RSS samples (one a second) whose median stands for the start and the end of a long stream
+
+
 def rss_growth(samples: list[dict], horizon) -> dict:
     """RSS when the stream passed the first horizon (or its first third in exact mode), when the whole
     stream had been seen (the first sample at its last second: what the stream left, before the final
@@ -319,6 +323,15 @@ def rss_growth(samples: list[dict], horizon) -> dict:
     after = [s for s in seen if s["seconds_seen"] >= mark] or seen[-1:]
     first, peak = after[0]["rss_mib"], max(s["rss_mib"] for s in after)
     end = next(s["rss_mib"] for s in after if s["seconds_seen"] >= stream_end)
+    # RSS swings by tens of MiB while a block is computed (activations, freed heap): the trend is the median
+    # of the first WINDOW samples after the mark against that of the last WINDOW before the stream's end
+    streaming = [s["rss_mib"] for s in after if s["seconds_seen"] < stream_end]
+    window = min(WINDOW, len(streaming) // 2)
+    trend = None
+    if window:
+        start_median = float(np.median(streaming[:window]))
+        end_median = float(np.median(streaming[-window:]))
+        trend = round(100 * (end_median - start_median) / start_median, 1)
 
     def growth(value):
         return round(100 * (value - first) / first, 1) if first else None
@@ -328,6 +341,7 @@ def rss_growth(samples: list[dict], horizon) -> dict:
         rss_at_mark_mib=first,
         rss_at_end_mib=end,
         rss_growth_to_end_pct=growth(end),
+        rss_growth_median_pct=trend,
         rss_peak_after_mark_mib=peak,
         rss_growth_after_mark_pct=growth(peak),
         rss_peak_mib=max(s["rss_mib"] for s in samples),
@@ -372,6 +386,7 @@ def long_summary(cases: list[dict]) -> dict:
                 accuracy_pct=100 * float(np.mean([c["correct"] for c in rows])),
                 needle_unit_selected_pct=100 * float(np.mean([c["needle_unit_selected"] for c in rows])),
                 rss_growth_to_end_pct=[c.get("rss_growth_to_end_pct") for c in rows],
+                rss_growth_median_pct=[c.get("rss_growth_median_pct") for c in rows],
                 rss_growth_after_mark_pct=[c.get("rss_growth_after_mark_pct") for c in rows],
                 wall_s=[c["wall_s"] for c in rows],
             )
@@ -384,7 +399,7 @@ def fmt(value, spec=".2f") -> str:
 
 HEADER = (
     f"{'case':<11}{'mode':<9}{'stream':>7}{'wall':>7}{'lag p50':>8}{'p95':>6}{'pipe p95':>9}{'every':>7}"
-    f"{'ans p50':>8}{'p95':>6}{'RSS MiB mark/end/peak':>22}{'to end':>8}{'peak':>7}{'needle':>7}{'right':>6}"
+    f"{'ans p50':>8}{'p95':>6}{'RSS MiB mark/end/peak':>22}{'trend':>8}{'peak':>7}{'needle':>7}{'right':>6}"
 )
 
 
