@@ -241,34 +241,9 @@ class VideoChatService:
             if path.is_relative_to(self.scratch):
                 path.unlink(missing_ok=True)
         stats = answer.stats
-        max_new = int(job.generation.get("max_new_tokens", 256))
-        units = [
-            {k: u[k] for k in ("index", "start_seconds", "end_seconds", "dense", "score")}
-            for u in stats["units"]
-        ]
-        return dict(
-            text=answer.text,
-            finish_reason="length" if stats["new_tokens"] >= max_new else "stop",
-            prompt_tokens=int(session.layout.video_end + stats["question_tokens"]),
-            completion_tokens=int(stats["new_tokens"]),
-            stats=dict(
-                cache_hit=hit,
-                mode=stats["mode"],
-                frames=stats["frames"],
-                groups=stats["groups"],
-                kv_tokens=stats["kv_tokens"],
-                kv_bytes=stats["kv_bytes"],
-                dense_kv_bytes=stats.get("dense_kv_bytes"),
-                selected_units=[u for u in units if u["dense"]] if stats["mode"] == "bilevel" else [],
-                units=units,
-                timings=dict(
-                    queue_s=round(queue_s, 4),
-                    prepare_s=round(prepared - start, 4),
-                    answer_s=round(stats["answer_s"], 4),
-                    total_s=round(time.perf_counter() - start, 4),
-                ),
-            ),
-        )
+        timings = dict(queue_s=queue_s, prepare_s=prepared - start)
+        extra = dict(cache_hit=hit, frames=stats["frames"], groups=stats["groups"])
+        return _result(answer, job, session.layout.video_end, extra, timings, start)
 
     def answer_stream(
         self, job: Job, on_text=None, cancel: threading.Event | None = None, queue_s: float = 0.0
@@ -290,38 +265,17 @@ class VideoChatService:
         finally:
             stream.release()
         stats = answer.stats
-        max_new = int(job.generation.get("max_new_tokens", 256))
-        units = [
-            {k: u.get(k) for k in ("index", "start_seconds", "end_seconds", "dense", "score")}
-            for u in stats.get("units", [])
-        ]
-        video_tokens = stats.get("video_tokens", stats["kv_tokens"])
-        return dict(
-            text=answer.text,
-            finish_reason="length" if stats["new_tokens"] >= max_new else "stop",
-            prompt_tokens=int(video_tokens + stats["question_tokens"]),
-            completion_tokens=int(stats["new_tokens"]),
-            stats=dict(
-                stream_id=stream.id,
-                seconds_seen=float(stats["seconds_seen"]),
-                frames_seen=int(stats["frames_seen"]),
-                lag_s=status.get("lag_s"),
-                state=status.get("state"),
-                mode=stats["mode"],
-                frames=stats.get("frames", stats["frames_seen"]),
-                groups=stats.get("groups"),
-                kv_tokens=stats["kv_tokens"],
-                kv_bytes=stats["kv_bytes"],
-                dense_kv_bytes=stats.get("dense_kv_bytes"),
-                selected_units=[u for u in units if u["dense"]] if stats["mode"] == "bilevel" else [],
-                units=units,
-                timings=dict(
-                    queue_s=round(queue_s, 4),
-                    answer_s=round(stats["answer_s"], 4),
-                    total_s=round(time.perf_counter() - start, 4),
-                ),
-            ),
+        extra = dict(
+            stream_id=stream.id,
+            seconds_seen=float(stats["seconds_seen"]),
+            frames_seen=int(stats["frames_seen"]),
+            lag_s=status.get("lag_s"),
+            state=status.get("state"),
+            frames=stats.get("frames", stats["frames_seen"]),
+            groups=stats.get("groups"),
         )
+        video_tokens = stats.get("video_tokens", stats["kv_tokens"])
+        return _result(answer, job, video_tokens, extra, dict(queue_s=queue_s), start)
 
     def _streamer(self, on_text, cancel: threading.Event | None, generation: dict):
         """An `on_token` hook: stops on cancel and passes text deltas on. Each text is the answer so far as
@@ -345,3 +299,31 @@ class VideoChatService:
                 sent = text
 
         return on_token
+
+
+def _result(answer, job: Job, video_tokens: int, extra: dict, timings: dict, start: float) -> dict:
+    """What an answer returns to the API: text, finish reason, token counts and the `videoxl2` stats
+    (`extra`: what a file video or a live stream adds; `timings`: seconds before the answer began)."""
+    stats = answer.stats
+    max_new = int(job.generation.get("max_new_tokens", 256))
+    units = [
+        {k: u.get(k) for k in ("index", "start_seconds", "end_seconds", "dense", "score")}
+        for u in stats.get("units", [])
+    ]
+    seconds = {**timings, "answer_s": stats["answer_s"], "total_s": time.perf_counter() - start}
+    return dict(
+        text=answer.text,
+        finish_reason="length" if stats["new_tokens"] >= max_new else "stop",
+        prompt_tokens=int(video_tokens + stats["question_tokens"]),
+        completion_tokens=int(stats["new_tokens"]),
+        stats=dict(
+            **extra,
+            mode=stats["mode"],
+            kv_tokens=stats["kv_tokens"],
+            kv_bytes=stats["kv_bytes"],
+            dense_kv_bytes=stats.get("dense_kv_bytes"),
+            selected_units=[u for u in units if u["dense"]] if stats["mode"] == "bilevel" else [],
+            units=units,
+            timings={key: round(value, 4) for key, value in seconds.items()},
+        ),
+    )
