@@ -69,7 +69,7 @@ from ..video.live import LiveStats, iter_live_frames
 from ..video.preprocess import preprocess_frames
 from .budget import malloc_trim
 from .memory import SPARSE_CHUNK_GROUPS, MixedCache, VideoMemory, pool, sparse_rows
-from .prefill import SPARE_TOKENS, StreamingPrefill, empty_kv, kv_nbytes
+from .prefill import SPARE_TOKENS, StreamingPrefill, empty_kv, kv_nbytes, regrown
 from .runner import apply_rope, upload
 from .session import FRAME_BATCH, Answer, StageClock, VideoSession
 from .settings import EngineSettings
@@ -294,7 +294,10 @@ class LiveSession:
         self._sparse: GrowingRows | None = None
         self._sparse_offsets = [0]  # sparse row of each known group's start
         self._sparse_groups = 0  # committed groups whose sparse KV is kept
-        self._history_tables = None  # RoPE tables of the spilled units' sparse keys
+        # the spilled units' sparse keys rotated at their original positions (pooled: the mean of theirs),
+        # per layer, rotated once as units spill: what later tokens read in place of their dense KV
+        self._rotated_keys: list[torch.Tensor] | None = None
+        self._rotated_groups = 0
         # A bi-level session keeps every committed group's sparse KV as it goes (what a one-shot session
         # builds at its first question), so a question does not derive it from the whole video again; an
         # int8 one derives it per question (`VideoMemory.build_sparse`).
@@ -311,7 +314,7 @@ class LiveSession:
                 self._spill_path = Path(tempfile.mkdtemp(prefix="live-", dir=spill_dir))
             self.prefill.history = self._history
             self.prefill.global_history = self._global_history
-            self._time_index: tuple | None = None  # (rows, cos, sin, groups) of `_global_history`
+            self._time_index: tuple | None = None  # (sparse rows, groups) of `_global_history`
 
     # -- state -------------------------------------------------------------------------------------------
     @property
@@ -341,14 +344,15 @@ class LiveSession:
 
     def memory_bytes(self) -> int:
         """Bytes of KV held in memory now: the pre-fill store's buffers as allocated (spare slots and the
-        global copy included), and in bounded mode the sparse KV's buffers and their RoPE tables; spilled
-        units' files are not counted. Read without the lock, so a status query never waits for an answer."""
-        prefill, sparse, tables = self.prefill, self._sparse, self._history_tables
+        global copy included), and in bounded mode the sparse KV's buffers and the spilled units' rotated
+        keys; spilled units' files are not counted. Read without the lock, so a status query never waits for
+        an answer."""
+        prefill, sparse, rotated = self.prefill, self._sparse, self._rotated_keys
         if prefill is None:
             return 0
         total = prefill.store.allocated_bytes() + (0 if sparse is None else sparse.nbytes())
-        if tables is not None:
-            total += sum(t.numel() * t.element_size() for t in tables[:2])
+        if rotated is not None:
+            total += sum(kv_nbytes(t) for t in rotated)
         return total
 
     @property
@@ -590,9 +594,8 @@ class LiveSession:
         self._spilled_units = unit
         malloc_trim()  # the compacted rows and any grown buffers' old copies: back to the system, or an
         # endless stream's resident memory keeps the freed heap (an hour: ~10% of the process more)
-        # RoPE tables of the spilled sparse keys at their original positions (pooled: the mean of theirs)
-        first_group = 0 if self._history_tables is None else self._history_tables[2]
-        last_group = unit * settings.unit_size
+        # the newly spilled sparse keys, rotated once at their original positions (pooled: the mean of theirs)
+        first_group, last_group = self._rotated_groups, unit * settings.unit_size
         positions = []
         for g in groups[first_group:last_group]:
             positions.append(torch.arange(g.time_start, g.visual_start, dtype=torch.float64))
@@ -600,40 +603,35 @@ class LiveSession:
             positions.append(visual.view(-1, settings.compression).mean(1))
         cos, sin = prefill.runner.rope_tables(torch.cat(positions), self.device)
         a, b = self._sparse_offsets[first_group], self._sparse_offsets[last_group]
-        old = self._history_tables
-        if old is None or old[0].shape[0] < b:  # buffers doubled when short, as the sparse KV's
-            size = b if old is None else max(b, 2 * old[0].shape[0])
-            new = [torch.empty(size, cos.shape[1], dtype=cos.dtype, device=cos.device) for _ in range(2)]
-            if old is not None:
-                new[0][:a], new[1][:a] = old[0][:a], old[1][:a]
-            old = (*new, first_group)
-        old[0][a:b], old[1][a:b] = cos, sin
-        self._history_tables = (old[0], old[1], last_group)
+        rotated = self._rotated_keys or [t[:, :0] for t in self._sparse.keys]
+        if rotated[0].shape[1] < b:  # grown by doubling when short, as the sparse KV
+            size = max(b, 2 * rotated[0].shape[1])
+            rotated = [regrown(t, size, a) for t in rotated]
+        for layer, keys in enumerate(self._sparse.keys):
+            rotated[layer][:, a:b] = apply_rope(keys[:, a:b], cos, sin)
+        self._rotated_keys, self._rotated_groups = rotated, last_group
 
     def _history(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What later time tokens see in place of the spilled units' dense KV: their sparse KV, keys rotated
         at their original positions (`StreamingPrefill.history`)."""
-        cos, sin, groups = self._history_tables
-        rows = self._sparse_offsets[groups]
-        keys = apply_rope(self._sparse.keys[layer][:, :rows], cos[:rows], sin[:rows])
-        return keys, self._sparse.values[layer][:, :rows]
+        rows = self._sparse_offsets[self._rotated_groups]
+        return self._rotated_keys[layer][:, :rows], self._sparse.values[layer][:, :rows]
 
     def _global_history(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What later visual tokens see in place of the global rows `compact_globals` dropped: the spilled
-        units' time tokens from their sparse KV (keys rotated at their original positions). Their rows and
-        RoPE tables are picked once per spill, so a block rotates only these rows."""
-        cos, sin, groups = self._history_tables
-        if self._time_index is None or self._time_index[3] != groups:
+        units' time tokens from their sparse KV (keys rotated at their original positions)."""
+        groups = self._rotated_groups
+        if self._time_index is None or self._time_index[1] != groups:
             offsets, spans = self._sparse_offsets, self._builder.groups[:groups]
             rows = [
                 torch.arange(offsets[i], offsets[i] + g.visual_start - g.time_start)
                 for i, g in enumerate(spans)
             ]
-            index = upload(torch.cat(rows), self.device)
-            self._time_index = (index, cos.index_select(0, index), sin.index_select(0, index), groups)
-        index, time_cos, time_sin, _ = self._time_index
-        keys = apply_rope(self._sparse.keys[layer].index_select(1, index), time_cos, time_sin)
-        return keys, self._sparse.values[layer].index_select(1, index)
+            self._time_index = (upload(torch.cat(rows), self.device), groups)
+        index = self._time_index[0]
+        return self._rotated_keys[layer].index_select(1, index), self._sparse.values[layer].index_select(
+            1, index
+        )
 
     def _unit_rows(self, unit: int):
         """(keys per layer, values per layer, read from disk?) of a unit's dense KV."""
@@ -798,7 +796,7 @@ class LiveSession:
             self.prefill = None
             self._pending = None
             self._tail = None
-            self._sparse = self._history_tables = None
+            self._sparse = self._rotated_keys = None
             if self._spill_path is not None:
                 shutil.rmtree(self._spill_path, ignore_errors=True)
 

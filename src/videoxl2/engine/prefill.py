@@ -298,13 +298,13 @@ class KVStore:
         need, rows = length - self.shift + spare, self.filled - self.shift
         if self.capacity < need:
             size = max(need, 2 * self.capacity)
-            self.key_buffers = [_regrown(t, size, rows) for t in self.key_buffers]
-            self.value_buffers = [_regrown(t, size, rows) for t in self.value_buffers]
+            self.key_buffers = [regrown(t, size, rows) for t in self.key_buffers]
+            self.value_buffers = [regrown(t, size, rows) for t in self.value_buffers]
         global_need, global_rows = global_count - self.global_shift, self.global_filled - self.global_shift
         if self.global_keys and self.global_keys[0].shape[1] < global_need:
             size = max(global_need, 2 * int(self.global_keys[0].shape[1]))
-            self.global_keys = [_regrown(t, size, global_rows) for t in self.global_keys]
-            self.global_values = [_regrown(t, size, global_rows) for t in self.global_values]
+            self.global_keys = [regrown(t, size, global_rows) for t in self.global_keys]
+            self.global_values = [regrown(t, size, global_rows) for t in self.global_values]
         self.length = length
         self.__post_init__()
 
@@ -339,7 +339,7 @@ class KVStore:
         self.global_shift = shift
 
 
-def _regrown(t, size: int, filled: int):
+def regrown(t, size: int, filled: int):
     """`t` (kv_heads, n, D) re-allocated with `size` rows, its first `filled` rows copied."""
     new = empty_kv((t.shape[0], size, t.shape[2]), t.dtype, t.device, isinstance(t, Int8Rows))
     new[:, :filled] = t[:, :filled]
