@@ -409,7 +409,7 @@ def row(case: dict) -> str:
         fmt(case.get(k), ".0f") for k in ("rss_at_mark_mib", "rss_at_end_mib", "rss_peak_after_mark_mib")
     )
     to_end, growth = (
-        fmt(case.get("rss_growth_to_end_pct"), ".1f"),
+        fmt(case.get("rss_growth_median_pct"), ".1f"),
         fmt(case.get("rss_growth_after_mark_pct"), ".1f"),
     )
     selected = {True: "yes", False: "no", None: "-"}[case.get("needle_unit_selected")]
