@@ -1,4 +1,4 @@
-"""Inputs shared by the engine's exactness tests."""
+"""Inputs shared by the engine's tests: exactness cases and live MPEG-TS streams."""
 
 from __future__ import annotations
 
@@ -23,3 +23,26 @@ def engine_case(tiny, question: str, seconds_per_group: float, seed: int, groups
         groups, config.tokens_per_group, config.hidden_size, generator=torch.Generator().manual_seed(seed)
     )
     return model, tokenizer, layout, embeds
+
+
+def mpegts_bytes(seconds: float, fps: int, size: int, picture) -> bytes:
+    """An MPEG-TS stream (what `ffmpeg ... -f mpegts -` sends): `picture(i)` is frame i, (size, size, 3)
+    uint8 RGB, at i / fps seconds (millisecond time base)."""
+    import io
+    from fractions import Fraction
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for index in range(int(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(picture(index), format="rgb24")
+            frame.pts, frame.time_base = round(index * 1000 / fps), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()

@@ -5,15 +5,13 @@ ingest of a live source."""
 
 from __future__ import annotations
 
-import io
 import threading
 import time
-from fractions import Fraction
 
-import av
 import numpy as np
 import pytest
 import torch
+from engine_helpers import mpegts_bytes
 from safetensors import safe_open
 
 from videoxl2.engine.live import LayoutBuilder, LiveIngest, LiveSession
@@ -282,23 +280,9 @@ def test_bad_appends_and_questions_are_one_line_input_errors(tiny):
 
 # -- background ingest ---------------------------------------------------------------------------------------
 def ts_stream(seconds: float, fps: int = 10, seed: int = 0) -> bytes:
-    """MPEG-TS (as `ffmpeg ... -f mpegts -` sends it) of noise frames at `fps`."""
+    """MPEG-TS of noise frames at `fps`."""
     rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mpegts") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        for index in range(int(seconds * fps)):
-            frame = av.VideoFrame.from_ndarray(
-                rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), format="rgb24"
-            )
-            frame.pts, frame.time_base = round(index * 1000 / fps), Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
+    return mpegts_bytes(seconds, fps, 32, lambda i: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
 
 
 def test_ingest_follows_a_growing_file_to_its_end(tiny, tmp_path):

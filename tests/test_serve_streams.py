@@ -3,18 +3,16 @@ answer from what it has seen so far, status, delete, limits, refused sources, an
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing
 import os
 import socket
 import threading
 import time
-from fractions import Fraction
 
-import av
 import numpy as np
 import pytest
+from engine_helpers import mpegts_bytes
 
 pytest.importorskip("fastapi", reason="serving needs the serve extra")
 
@@ -32,23 +30,15 @@ FPS = 10  # the producers' frame rate; streams sample them at 1 fps
 
 
 def ts_bytes(seconds: float, fps: int = FPS) -> bytes:
-    """An MPEG-TS stream (what `ffmpeg ... -f mpegts` writes): frame i is palette colour i with a square."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mpegts") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        for index in range(int(seconds * fps)):
-            pixels = np.empty((64, 64, 3), np.uint8)
-            pixels[:] = frame_colour(index // fps)
-            pixels[index % 48 : index % 48 + 16, 8:24] = 255
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            frame.pts, frame.time_base = round(index * 1000 / fps), Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
+    """An MPEG-TS stream: frame i is palette colour i // fps with a moving white square."""
+
+    def picture(index):
+        pixels = np.empty((64, 64, 3), np.uint8)
+        pixels[:] = frame_colour(index // fps)
+        pixels[index % 48 : index % 48 + 16, 8:24] = 255
+        return pixels
+
+    return mpegts_bytes(seconds, fps, 64, picture)
 
 
 @pytest.fixture(scope="module")
