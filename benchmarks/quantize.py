@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from engine import SHAPES as ENGINE_SHAPES  # benchmarks/engine.py
 
 from videoxl2 import load_model, load_tokenizer
 from videoxl2.defaults import DEFAULT_MODEL
@@ -49,15 +50,7 @@ from videoxl2.engine.settings import EngineSettings
 from videoxl2.modeling.quantize import weight_bytes
 
 RESULTS = Path(__file__).parent / "results"
-SHAPES = {
-    "qwen0.5b": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-    )
-}
+SHAPES = {"qwen0.5b": ENGINE_SHAPES["qwen0.5b"]}  # the larger LLM: Qwen2.5-0.5B's decoder
 HELDOUT = dict(videos=60, seed=12345, frames_min=8, frames_max=96)  # the model card's held-out draw
 SPEED_FRAMES = 96
 

@@ -46,3 +46,20 @@ def mpegts_bytes(seconds: float, fps: int, size: int, picture) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buffer.getvalue()
+
+
+# 18 groups: 5 units of 4 (the last short), so a bi-level cache mixes dense and pooled units
+BUDGET_FRAMES = 72
+
+
+def tiny_session(tiny, settings, frames: int = BUDGET_FRAMES):
+    """A `VideoSession` of the tiny model over `frames` random frames two per second (byte-count tests)."""
+    import numpy as np
+
+    from videoxl2.engine.session import VideoSession
+
+    model, tokenizer = tiny
+    size = model.config.vision_config.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+    seconds = [i * 0.5 for i in range(frames)]
+    return VideoSession.from_frames(model, tokenizer, pixels, seconds, settings=settings, progress=False)

@@ -3,9 +3,9 @@ design's figures, and the one-line refusal naming the frames that fit."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from engine_helpers import BUDGET_FRAMES, tiny_session
 
 from videoxl2.config import VideoXL2Config
 from videoxl2.engine.budget import (
@@ -18,19 +18,10 @@ from videoxl2.engine.budget import (
     qwen_time_tokens,
     weight_bytes,
 )
-from videoxl2.engine.session import VideoSession
 from videoxl2.engine.settings import EngineSettings
 from videoxl2.errors import InputError, MemoryBudgetError
 
-FRAMES = 72  # 18 groups: 5 units of 4 (the last short), so a bi-level cache mixes dense and pooled units
-
-
-def tiny_session(tiny, settings: EngineSettings, frames: int = FRAMES) -> VideoSession:
-    model, tokenizer = tiny
-    size = model.config.vision_config.image_size
-    pixels = np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
-    seconds = [i * 0.5 for i in range(frames)]
-    return VideoSession.from_frames(model, tokenizer, pixels, seconds, settings=settings, progress=False)
+FRAMES = BUDGET_FRAMES
 
 
 def close(predicted: int, measured: int, tolerance: float = 0.02) -> bool:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import copy
 
-import numpy as np
 import pytest
 import torch
+from engine_helpers import BUDGET_FRAMES, tiny_session
 
 from videoxl2.engine import budget, prefill
 from videoxl2.engine.budget import TokenCounts, estimate, kv_bytes_per_token
@@ -19,13 +19,12 @@ from videoxl2.engine.memory import VideoMemory
 from videoxl2.engine.prefill import Int8Rows, prefill_video, stored_attention
 from videoxl2.engine.runner import attention
 from videoxl2.engine.select import choose_units, score_units
-from videoxl2.engine.session import VideoSession
 from videoxl2.engine.settings import EngineSettings
 from videoxl2.errors import InputError
 from videoxl2.prompt import build_layout, build_prompt
 
 GROUPS = 13
-FRAMES = 72  # 18 groups: 5 units of 4 (the last short), so a bi-level cache mixes dense and pooled units
+FRAMES = BUDGET_FRAMES
 
 
 @pytest.fixture(scope="module")
@@ -190,14 +189,6 @@ def test_int8_steps_need_no_sync(case, chunked):
 
 
 # -- bytes: what budget.py predicts ------------------------------------------------------------------------
-def tiny_session(tiny, settings: EngineSettings, frames: int = FRAMES) -> VideoSession:
-    model, tokenizer = tiny
-    size = model.config.vision_config.image_size
-    pixels = np.random.default_rng(0).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
-    seconds = [i * 0.5 for i in range(frames)]
-    return VideoSession.from_frames(model, tokenizer, pixels, seconds, settings=settings, progress=False)
-
-
 @pytest.mark.parametrize("mode", ["dense", "chunked", "bilevel"])
 def test_kv_bytes_equal_the_budget_exactly(tiny, mode):
     settings = EngineSettings(mode=mode, unit_size=4, topk=1, compression=4, kv_dtype="int8")
