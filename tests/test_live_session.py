@@ -436,6 +436,17 @@ def test_bounded_mode_spills_old_units_and_reloads_the_selected(tiny, tmp_path):
         for layer in range(model.config.text_config.num_hidden_layers):
             rows = reference.memory.keys[layer][:, groups[0].time_start : groups[1].end]
             assert torch.equal(handle.get_tensor(f"keys.{layer}"), rows)
+    # the spilled units' position-0 sparse keys left memory for disk; a question reads them back bit for bit:
+    # the sparse KV it sees is the one derived from the session's own dense KV (spilled units' from disk)
+    spilled_rows = live._sparse_offsets[live.spilled_units * settings.unit_size]
+    assert live._sparse_keys.start == spilled_rows > 0
+    with live.snapshot() as view:
+        derived = live._full_memory(view.memory)
+        derived.build_sparse(live.prefill.runner)
+        for layer, (got, want) in enumerate(zip(view.memory.sparse_keys, derived.sparse_keys)):
+            assert got.shape == want.shape and torch.equal(got, want), f"sparse keys of layer {layer}"
+        for layer, (got, want) in enumerate(zip(view.memory.sparse_values, derived.sparse_values)):
+            assert torch.equal(got, want), f"sparse values of layer {layer}"
     # a question about everything seen, mid-stream, with an old unit selected from outside: it is read back
     live.append(frames[:0], [])
     answer = live.ask(QUESTION, generation_config=GENERATION, units=[1])

@@ -197,33 +197,34 @@ class SpilledMemory(VideoMemory):
 
 
 class GrowingRows:
-    """Per-layer (kv_heads, n, D) K and V buffers filled from the front, re-allocated at twice their size
-    when short (a bounded session's sparse KV)."""
+    """Per-layer (kv_heads, n, D) buffers holding rows [start, start + n) of a sequence that grows at its end
+    (a live session's sparse keys or values), and may forget rows at its front (`drop_before`). Re-allocated
+    a quarter larger when short: doubling would leave up to half of an endless stream's buffers empty."""
 
     def __init__(self, layers: int, kv_heads: int, dim: int, dtype, device):
-        self.keys = [torch.empty(kv_heads, 0, dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.empty(kv_heads, 0, dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.buffers = [torch.empty(kv_heads, 0, dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.start = 0  # the sequence row held at index 0
 
-    @property
-    def capacity(self) -> int:
-        return int(self.keys[0].shape[1])
+    def rows(self, layer: int, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of `layer` (a view)."""
+        return self.buffers[layer][:, a - self.start : b - self.start]
 
-    def reserve(self, rows: int, keep: int) -> None:
-        """Room for `rows` rows, the first `keep` kept."""
-        if rows <= self.capacity:
+    def reserve(self, end: int, filled: int) -> None:
+        """Room up to row `end`, rows up to `filled` kept."""
+        capacity = int(self.buffers[0].shape[1])
+        if end - self.start <= capacity:
             return
-        size = max(rows, 2 * self.capacity)
+        size = max(end - self.start, capacity + capacity // 4)
+        self.buffers = [regrown(t, size, filled - self.start) for t in self.buffers]
 
-        def grown(t):
-            new = torch.empty(t.shape[0], size, t.shape[2], dtype=t.dtype, device=t.device)
-            new[:, :keep] = t[:, :keep]
-            return new
-
-        self.keys = [grown(t) for t in self.keys]
-        self.values = [grown(t) for t in self.values]
+    def drop_before(self, row: int, filled: int) -> None:
+        """Forget the rows before `row`; rows [row, filled) move to the front."""
+        for t in self.buffers:
+            t[:, : filled - row] = t[:, row - self.start : filled - self.start].clone()
+        self.start = row
 
     def nbytes(self) -> int:
-        return sum(kv_nbytes(t) for t in (*self.keys, *self.values))
+        return sum(kv_nbytes(t) for t in self.buffers)
 
 
 class LiveSession:
@@ -291,21 +292,26 @@ class LiveSession:
         )
         self._spill_path: Path | None = None
         self._spilled_units = 0  # units whose dense KV is on disk (always the oldest ones)
-        self._sparse: GrowingRows | None = None
+        self._sparse_keys: GrowingRows | None = (
+            None  # at position 0, as `VideoMemory.build_sparse` makes them
+        )
+        self._sparse_values: GrowingRows | None = None
         self._sparse_offsets = [0]  # sparse row of each known group's start
         self._sparse_groups = 0  # committed groups whose sparse KV is kept
         # the spilled units' sparse keys rotated at their original positions (pooled: the mean of theirs),
-        # per layer, rotated once as units spill: what later tokens read in place of their dense KV
-        self._rotated_keys: list[torch.Tensor] | None = None
+        # rotated once as units spill: what later tokens read in place of their dense KV. Their position-0
+        # keys, which only questions read, go to disk (`_spilled_keys`)
+        self._rotated_keys: GrowingRows | None = None
         self._rotated_groups = 0
         # A bi-level session keeps every committed group's sparse KV as it goes (what a one-shot session
         # builds at its first question), so a question does not derive it from the whole video again; an
         # int8 one derives it per question (`VideoMemory.build_sparse`).
         if self.settings.mode == "bilevel" and self.settings.kv_dtype == "auto":
             runner = self.prefill.runner
-            self._sparse = GrowingRows(
-                runner.num_layers, runner.kv_heads, runner.head_dim, self.dtype, self.device
-            )
+            shape = (runner.num_layers, runner.kv_heads, runner.head_dim, self.dtype, self.device)
+            self._sparse_keys, self._sparse_values = GrowingRows(*shape), GrowingRows(*shape)
+            if self.bounded:
+                self._rotated_keys = GrowingRows(*shape)
         if self.bounded:
             if spill_dir is None:
                 self._spill_path = Path(tempfile.mkdtemp(prefix="videoxl2-spill-"))
@@ -347,13 +353,10 @@ class LiveSession:
         global copy included), and in bounded mode the sparse KV's buffers and the spilled units' rotated
         keys; spilled units' files are not counted. Read without the lock, so a status query never waits for
         an answer."""
-        prefill, sparse, rotated = self.prefill, self._sparse, self._rotated_keys
+        prefill, parts = self.prefill, (self._sparse_keys, self._sparse_values, self._rotated_keys)
         if prefill is None:
             return 0
-        total = prefill.store.allocated_bytes() + (0 if sparse is None else sparse.nbytes())
-        if rotated is not None:
-            total += sum(kv_nbytes(t) for t in rotated)
-        return total
+        return prefill.store.allocated_bytes() + sum(p.nbytes() for p in parts if p is not None)
 
     @property
     def spilled_units(self) -> int:
@@ -482,7 +485,7 @@ class LiveSession:
             rest = self._pending[count:]
             self._pending = rest if rest.shape[0] else None
             self._committed_frames += count
-            if self._sparse is not None:
+            if self._sparse_values is not None:
                 self._add_sparse(self._sparse_groups, self.prefill.groups_done)
                 self._sparse_groups = self.prefill.groups_done
             if self.bounded:
@@ -505,7 +508,9 @@ class LiveSession:
         embeds = self._encode(self._pending)
         try:
             self._prefill_groups(embeds)
-            if self._sparse is not None:  # the tail's sparse KV after the committed groups' (forgotten too)
+            if (
+                self._sparse_values is not None
+            ):  # the tail's sparse KV after the committed groups' (forgotten too)
                 self._add_sparse(committed, self.prefill.groups_done)
         except BaseException:
             self.prefill.rewind(mark)
@@ -522,7 +527,8 @@ class LiveSession:
             return
         runner, store, step = self.prefill.runner, self.prefill.store, self.settings.compression
         device, shift, offsets = runner.device, store.shift, self._sparse_offsets
-        self._sparse.reserve(offsets[end], offsets[first])
+        self._sparse_keys.reserve(offsets[end], offsets[first])
+        self._sparse_values.reserve(offsets[end], offsets[first])
         groups = self._builder.groups
         for c in range(first, end, SPARSE_CHUNK_GROUPS):
             chunk = groups[c : min(c + SPARSE_CHUNK_GROUPS, end)]
@@ -534,7 +540,8 @@ class LiveSession:
                 keys = store.key_buffers[layer][:, a - shift : b - shift]
                 values = store.value_buffers[layer][:, a - shift : b - shift]
                 pre = apply_rope(keys, cos, sin)
-                out_k, out_v = self._sparse.keys[layer][:, s0:s1], self._sparse.values[layer][:, s0:s1]
+                out_k = self._sparse_keys.rows(layer, s0, s1)
+                out_v = self._sparse_values.rows(layer, s0, s1)
                 out_k.index_copy_(1, time_dst, pre.index_select(1, time_rows))
                 out_v.index_copy_(1, time_dst, values.index_select(1, time_rows))
                 out_k.index_copy_(1, pooled_dst, pool(pre.index_select(1, visual_rows), step))
@@ -548,7 +555,7 @@ class LiveSession:
         rows, the sparse KV's (what `memory_bytes` counts, less the slack of buffers grown by doubling)."""
         store = self.prefill.store
         per_row = 2 * self.prefill.runner.num_layers * kv_nbytes(store.key_buffers[0][:, :1])
-        sparse = self._sparse_offsets[self._sparse_groups] if self._sparse is not None else 0
+        sparse = self._sparse_offsets[self._sparse_groups] if self._sparse_values is not None else 0
         globals_ = store.global_filled - store.global_shift
         rows = store.filled - store.shift + self.prefill.spare + globals_ + sparse
         return rows * per_row
@@ -592,9 +599,8 @@ class LiveSession:
         # the spilled units' time tokens leave the global copy too: their sparse KV holds them
         store.compact_globals(prefill.global_start[unit * settings.unit_size], self._builder.video_start)
         self._spilled_units = unit
-        malloc_trim()  # the compacted rows and any grown buffers' old copies: back to the system, or an
-        # endless stream's resident memory keeps the freed heap (an hour: ~10% of the process more)
         # the newly spilled sparse keys, rotated once at their original positions (pooled: the mean of theirs)
+        # for later blocks; their position-0 copies, which only questions read, move to disk
         first_group, last_group = self._rotated_groups, unit * settings.unit_size
         positions = []
         for g in groups[first_group:last_group]:
@@ -603,19 +609,35 @@ class LiveSession:
             positions.append(visual.view(-1, settings.compression).mean(1))
         cos, sin = prefill.runner.rope_tables(torch.cat(positions), self.device)
         a, b = self._sparse_offsets[first_group], self._sparse_offsets[last_group]
-        rotated = self._rotated_keys or [t[:, :0] for t in self._sparse.keys]
-        if rotated[0].shape[1] < b:  # grown by doubling when short, as the sparse KV
-            size = max(b, 2 * rotated[0].shape[1])
-            rotated = [regrown(t, size, a) for t in rotated]
-        for layer, keys in enumerate(self._sparse.keys):
-            rotated[layer][:, a:b] = apply_rope(keys[:, a:b], cos, sin)
-        self._rotated_keys, self._rotated_groups = rotated, last_group
+        self._rotated_keys.reserve(b, a)
+        for layer in range(prefill.runner.num_layers):
+            keys = self._sparse_keys.rows(layer, a, b)
+            self._rotated_keys.rows(layer, a, b)[:] = apply_rope(keys, cos, sin)
+            with open(self._spilled_keys_file(layer), "ab") as out:  # questions read them back
+                out.write(keys.transpose(0, 1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        self._sparse_keys.drop_before(b, self._sparse_offsets[self._sparse_groups])
+        self._rotated_groups = last_group
+        malloc_trim()  # the compacted rows and any grown buffers' old copies: back to the system, or an
+        # endless stream's resident memory keeps the freed heap (an hour: ~10% of the process more)
+
+    def _spilled_keys_file(self, layer: int) -> Path:
+        """Spilled units' position-0 sparse keys of `layer`, appended as they spill (rows, kv_heads, D)."""
+        return self._spill_path / f"sparse-keys-{layer}.bin"
+
+    def _spilled_keys(self, layer: int) -> torch.Tensor:
+        """(kv_heads, rows, D) position-0 sparse keys of the spilled units (read back from disk)."""
+        rows, ref = self._sparse_keys.start, self._sparse_values.buffers[layer]
+        data = bytearray(self._spilled_keys_file(layer).read_bytes())
+        if len(data) != rows * kv_nbytes(ref[:, :1]):
+            raise InputError(f"{self._spilled_keys_file(layer)}: spilled sparse keys damaged or truncated")
+        flat = torch.frombuffer(data, dtype=ref.dtype)
+        return flat.view(rows, ref.shape[0], ref.shape[2]).transpose(0, 1).to(self.device)
 
     def _history(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What later time tokens see in place of the spilled units' dense KV: their sparse KV, keys rotated
         at their original positions (`StreamingPrefill.history`)."""
         rows = self._sparse_offsets[self._rotated_groups]
-        return self._rotated_keys[layer][:, :rows], self._sparse.values[layer][:, :rows]
+        return self._rotated_keys.rows(layer, 0, rows), self._sparse_values.rows(layer, 0, rows)
 
     def _global_history(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What later visual tokens see in place of the global rows `compact_globals` dropped: the spilled
@@ -629,9 +651,8 @@ class LiveSession:
             ]
             self._time_index = (upload(torch.cat(rows), self.device), groups)
         index = self._time_index[0]
-        return self._rotated_keys[layer].index_select(1, index), self._sparse.values[layer].index_select(
-            1, index
-        )
+        keys, values = self._rotated_keys.buffers[layer], self._sparse_values.buffers[layer]
+        return keys.index_select(1, index), values.index_select(1, index)
 
     def _unit_rows(self, unit: int):
         """(keys per layer, values per layer, read from disk?) of a unit's dense KV."""
@@ -655,10 +676,13 @@ class LiveSession:
         store, settings = self.prefill.store, self.settings
         layout = self._builder.layout(groups)
         sparse_keys = sparse_values = None
-        if self._sparse is not None:
-            rows = self._sparse_offsets[groups]
-            sparse_keys = [t[:, :rows] for t in self._sparse.keys]
-            sparse_values = [t[:, :rows] for t in self._sparse.values]
+        if self._sparse_values is not None:
+            rows, layers = self._sparse_offsets[groups], range(self.prefill.runner.num_layers)
+            sparse_values = [self._sparse_values.rows(layer, 0, rows) for layer in layers]
+            keys, spilled = self._sparse_keys, self._sparse_keys.start
+            sparse_keys = [keys.rows(layer, spilled, rows) for layer in layers]
+            if spilled:  # the spilled units' keys from disk: a copy for this question
+                sparse_keys = [torch.cat([self._spilled_keys(i), k], 1) for i, k in zip(layers, sparse_keys)]
         if not self.bounded:
             return VideoMemory(
                 layout,
@@ -796,7 +820,7 @@ class LiveSession:
             self.prefill = None
             self._pending = None
             self._tail = None
-            self._sparse = self._rotated_keys = None
+            self._sparse_keys = self._sparse_values = self._rotated_keys = None
             if self._spill_path is not None:
                 shutil.rmtree(self._spill_path, ignore_errors=True)
 
