@@ -32,13 +32,14 @@ store (`KVStore.compact`), and its time tokens leave the global copy chunked pre
 visual tokens: about 28% of the dense KV per group with the release's 144 + ~6 tokens and compression 4; 48%
 for the demo model's 16 + ~8). Only units before the next block's window can go: the window's visual tokens
 attend to its dense KV. A question scores units on the sparse KV as usual and reads back the spilled units it
-selects (`SpilledMemory`). The release lets time tokens see every earlier key, which a bounded store cannot
-keep: once units are spilled, later time tokens see their sparse KV (keys at their original positions)
-instead, and later visual tokens see the spilled time tokens through the sparse KV too (their keys rotated
-back and forth: equal to the dropped global rows up to rounding), so a bounded session is exact up to its
-first spill and an approximation after it. Freed memory is handed back to the system after each spill
-(`budget.malloc_trim`). Exact mode (the
-default) keeps everything and is never changed by any of this.
+selects (`SpilledMemory`). A spilled unit's sparse keys are held once, rotated at their positions for later
+blocks; their position-0 copies, which only questions read, go to disk (`_spilled_keys`). The release lets
+time tokens see every earlier key, which a bounded store cannot keep: once units are spilled, later time
+tokens see their sparse KV (keys at their original positions) instead, and later visual tokens see the spilled
+time tokens through the sparse KV too (their keys rotated back and forth: equal to the dropped global rows up
+to rounding), so a bounded session is exact up to its first spill and an approximation after it. Freed memory
+is handed back to the system after each spill (`budget.malloc_trim`). Exact mode (the default) keeps
+everything and is never changed by any of this.
 
 `LiveIngest` runs a source (`video.live.iter_live_frames`: standard input, a followed file, a URL) into a
 session in the background and reports how far ingestion is behind the stream's clock.
