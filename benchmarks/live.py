@@ -17,8 +17,11 @@ video?", every `--every` seconds of stream time and once at the end.
    dense, whether the answer names the needle, RSS from the first horizon to the end (the trend: the median
    of 5 samples after the horizon against the last 5 before the end; and the peak); exact vs bounded.
 
-Both run in bi-level mode (selection is what bounded mode reloads by). Each case is one `videoxl2 watch`
-process; this script only produces, watches RSS and reads the JSON lines.
+3. `--sessions`: the long streams fed to a `LiveSession` in a process of its own, RSS and KV read after each
+   16-frame append (between blocks): the memory the session holds, exact vs bounded.
+
+All run in bi-level mode (selection is what bounded mode reloads by). Each case of 1 and 2 is one
+`videoxl2 watch` process; this script only produces, watches RSS and reads the JSON lines.
 
     flock /tmp/cpu.lock python benchmarks/live.py --skip-long            # 3 min real time, exact + bounded
     python benchmarks/live.py --minutes 1 --skip-long --no-bounded       # a quick look
@@ -113,6 +116,51 @@ def produce(spec_json: str) -> int:
 
 
 # -- one watched stream --------------------------------------------------------------------------------
+def spec_values(spec, **extra) -> dict:
+    needle = spec.needles[0]
+    values = dict(seconds=spec.num_frames, seed=spec.seed, colour=needle.colour, shape=needle.shape)
+    return dict(values, start=needle.start_frame, **extra)
+
+
+def run_session(spec_json: str) -> int:
+    """`--session SPEC` (its own process): a `LiveSession` fed the stream's 1 fps pictures directly (no
+    encoder, decoder or `watch`), RSS read after each 16-frame append, i.e. between blocks: the memory the
+    session holds, without a block's working memory. One JSON line out."""
+    import torch
+
+    from videoxl2 import load_model, load_tokenizer
+    from videoxl2.data.synthetic import Needle, VideoSpec, render_frame
+    from videoxl2.demo.niah import QUESTION
+    from videoxl2.engine.live import LiveSession
+    from videoxl2.engine.settings import EngineSettings
+
+    values = json.loads(spec_json)
+    spec = VideoSpec(
+        values["seconds"], 1.0, values["seed"], (Needle(values["colour"], values["shape"], values["start"]),)
+    )
+    model, tokenizer = load_model(values["model"]), load_tokenizer(values["model"])
+    settings = EngineSettings.from_config(model.config, mode="bilevel")
+    samples = []
+    with (
+        torch.inference_mode(),
+        LiveSession(model, tokenizer, settings, progress=False, dense_horizon=values["horizon"]) as live,
+    ):
+        for start in range(0, spec.num_frames, 16):
+            stamps = list(range(start, min(start + 16, spec.num_frames)))
+            live.append(np.stack([render_frame(spec, i) for i in stamps]), [float(i) for i in stamps])
+            samples.append(
+                dict(
+                    seconds_seen=live.seconds_seen,
+                    rss_mib=round(proc_rss(os.getpid()) / 2**20, 1),
+                    kv_mib=round(live.memory_bytes() / 2**20, 1),
+                )
+            )
+        live.finish()
+        answer = live.ask(QUESTION, generation_config={"max_new_tokens": 8})
+    print(json.dumps(dict(samples=samples, answer=answer.text, spilled_units=answer.stats["spilled_units"])))
+    return 0
+
+
 def proc_rss(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -176,9 +224,7 @@ def run_case(name, spec, realtime: bool, args, every=None, horizon=None, timeout
     """One producer -> pipe -> `videoxl2 watch -` run; answers, RSS and status lines as they came."""
     from videoxl2.demo.niah import QUESTION
 
-    needle = spec.needles[0]
-    values = dict(seconds=spec.num_frames, seed=spec.seed, colour=needle.colour, shape=needle.shape)
-    values.update(start=needle.start_frame, realtime=realtime)
+    values = spec_values(spec, realtime=realtime)
     command = [*watch_command(), "watch", "-", "--json", "--progress", "--model", str(args.model)]
     command += ["--mode", "bilevel", "--question", QUESTION, "--max-new-tokens", "8"]
     command += [] if every is None else ["--every", str(every)]
@@ -376,6 +422,54 @@ def long_cases(args) -> list[dict]:
     return cases
 
 
+def session_cases(args) -> list[dict]:
+    """The long streams again, each fed to a `LiveSession` in its own process (`run_session`)."""
+    seconds, cases = int(args.long_minutes * 60), []
+    for trial in range(args.trials):
+        spec = needle_spec(seconds, args.seed, 1000 + trial)
+        for horizon in [None] + ([args.horizon] if args.bounded else []):
+            values = spec_values(spec, model=str(args.model), horizon=horizon)
+            command = [sys.executable, str(Path(__file__).resolve()), "--session", json.dumps(values)]
+            start = time.monotonic()
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"session run failed: {done.stderr.strip().splitlines()[-1:]}")
+            out = json.loads(done.stdout.strip().splitlines()[-1])
+            samples = out.pop("samples")
+            at = next(s for s in samples if s["seconds_seen"] >= (horizon or seconds / 3))
+            case = dict(
+                name=f"session-{trial}",
+                mode="exact" if horizon is None else "bounded",
+                dense_horizon_s=horizon,
+                stream_s=seconds,
+                wall_s=round(time.monotonic() - start, 1),
+                needle=dict(name=spec.needles[0].name, start_s=spec.seconds(spec.needles[0].start_frame)),
+                correct=out["answer"].strip().lower() == spec.needles[0].name,
+                kv_at_mark_mib=at["kv_mib"],
+                kv_at_end_mib=samples[-1]["kv_mib"],
+                **out,
+                **rss_growth(samples, horizon),
+                rss=samples,
+            )
+            cases.append(case)
+            print(session_row(case), file=sys.stderr, flush=True)
+    return cases
+
+
+SESSION_HEADER = (
+    f"{'case':<11}{'mode':<9}{'wall':>7}{'KV MiB mark/end':>17}{'RSS MiB mark/end':>18}{'trend':>8}"
+)
+
+
+def session_row(case: dict) -> str:
+    kv = f"{case['kv_at_mark_mib']:.1f}/{case['kv_at_end_mib']:.1f}"
+    rss = f"{case['rss_at_mark_mib']:.0f}/{case['rss_at_end_mib']:.0f}"
+    return (
+        f"{case['name']:<11}{case['mode']:<9}{case['wall_s']:>6.0f}s{kv:>17}{rss:>18}"
+        f"{fmt(case['rss_growth_median_pct'], '.1f') + '%':>8}"
+    )
+
+
 def long_summary(cases: list[dict]) -> dict:
     out = {}
     for mode in ("exact", "bounded"):
@@ -445,6 +539,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--produce", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--session", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--minutes", type=float, default=3.0, help="real-time stream length (default 3)")
     parser.add_argument("--every", type=float, default=30.0, help="real time: ask every this many seconds")
@@ -456,16 +551,21 @@ def main() -> int:
     parser.add_argument("--bounded", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--skip-realtime", action="store_true")
     parser.add_argument("--skip-long", action="store_true")
+    parser.add_argument(
+        "--sessions", action="store_true", help="also feed the long streams to a LiveSession in-process"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     if args.produce is not None:
         return produce(args.produce)
+    if args.session is not None:
+        return run_session(args.session)
     result = dict(
         benchmark="live",
         date=datetime.now().isoformat(timespec="seconds"),
         machine=machine(),
-        args={k: v for k, v in vars(args).items() if k != "produce"},
+        args={k: v for k, v in vars(args).items() if k not in ("produce", "session")},
         cases=[],
     )
     print(HEADER, file=sys.stderr)
@@ -474,6 +574,9 @@ def main() -> int:
     if not args.skip_long:
         result["cases"] += long_cases(args)
         result["long"] = long_summary([c for c in result["cases"] if c["name"].startswith("long")])
+    if args.sessions:
+        print(SESSION_HEADER, file=sys.stderr)
+        result["sessions"] = session_cases(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"live-{datetime.now().strftime('%Y%m%d-%H%M')}.json"
@@ -482,6 +585,10 @@ def main() -> int:
     print(HEADER)
     for case in result["cases"]:
         print(row(case))
+    if result.get("sessions"):
+        print(SESSION_HEADER)
+        for case in result["sessions"]:
+            print(session_row(case))
     print(f"wrote {path}")
     return 0
 
