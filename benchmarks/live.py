@@ -424,6 +424,8 @@ def long_cases(args) -> list[dict]:
 
 def session_cases(args) -> list[dict]:
     """The long streams again, each fed to a `LiveSession` in its own process (`run_session`)."""
+    from videoxl2.eval.scoring import normalize_text
+
     seconds, cases = int(args.long_minutes * 60), []
     for trial in range(args.trials):
         spec = needle_spec(seconds, args.seed, 1000 + trial)
@@ -436,7 +438,8 @@ def session_cases(args) -> list[dict]:
                 raise SystemExit(f"session run failed: {done.stderr.strip().splitlines()[-1:]}")
             out = json.loads(done.stdout.strip().splitlines()[-1])
             samples = out.pop("samples")
-            at = next(s for s in samples if s["seconds_seen"] >= (horizon or seconds / 3))
+            mark = horizon if horizon is not None else seconds / 3  # as `rss_growth`
+            at = next((s for s in samples if s["seconds_seen"] >= mark), samples[-1])
             case = dict(
                 name=f"session-{trial}",
                 mode="exact" if horizon is None else "bounded",
@@ -444,7 +447,7 @@ def session_cases(args) -> list[dict]:
                 stream_s=seconds,
                 wall_s=round(time.monotonic() - start, 1),
                 needle=dict(name=spec.needles[0].name, start_s=spec.seconds(spec.needles[0].start_frame)),
-                correct=out["answer"].strip().lower() == spec.needles[0].name,
+                correct=normalize_text(out["answer"]) == normalize_text(spec.needles[0].name),
                 kv_at_mark_mib=at["kv_mib"],
                 kv_at_end_mib=samples[-1]["kv_mib"],
                 **out,

@@ -234,7 +234,7 @@ class LiveSession:
 
     `dense_horizon` (seconds) / `max_memory` (bytes) make it bounded (bilevel mode, float KV; see the
     module docstring). `max_memory` spills the oldest units' dense KV while the KV in use (`_in_use_bytes`:
-    `memory_bytes` less the slack of buffers grown by doubling) is over it; the sparse KV and the time
+    `memory_bytes` less the slack of grown buffers) is over it; the sparse KV and the time
     tokens' rows still grow (about a third of the dense KV per group), so a stream long enough for them
     alone to pass it keeps only the pre-fill window dense. `spill_dir`: where spilled units go (a folder of
     their own inside it; default a temporary folder), removed by `close()`. `progress`: a bar of seconds
@@ -293,9 +293,8 @@ class LiveSession:
         )
         self._spill_path: Path | None = None
         self._spilled_units = 0  # units whose dense KV is on disk (always the oldest ones)
-        self._sparse_keys: GrowingRows | None = (
-            None  # at position 0, as `VideoMemory.build_sparse` makes them
-        )
+        # sparse keys at position 0 (as `VideoMemory.build_sparse` makes them) and values
+        self._sparse_keys: GrowingRows | None = None
         self._sparse_values: GrowingRows | None = None
         self._sparse_offsets = [0]  # sparse row of each known group's start
         self._sparse_groups = 0  # committed groups whose sparse KV is kept
@@ -509,9 +508,7 @@ class LiveSession:
         embeds = self._encode(self._pending)
         try:
             self._prefill_groups(embeds)
-            if (
-                self._sparse_values is not None
-            ):  # the tail's sparse KV after the committed groups' (forgotten too)
+            if self._sparse_values is not None:  # the tail's sparse KV (forgotten with it)
                 self._add_sparse(committed, self.prefill.groups_done)
         except BaseException:
             self.prefill.rewind(mark)
@@ -553,7 +550,7 @@ class LiveSession:
 
     def _in_use_bytes(self) -> int:
         """KV bytes in use: the store's filled rows and the spare slots a question needs, the global copy's
-        rows, the sparse KV's (what `memory_bytes` counts, less the slack of buffers grown by doubling)."""
+        rows, the sparse KV's (what `memory_bytes` counts, less the slack of grown buffers)."""
         store = self.prefill.store
         per_row = 2 * self.prefill.runner.num_layers * kv_nbytes(store.key_buffers[0][:, :1])
         sparse = self._sparse_offsets[self._sparse_groups] if self._sparse_values is not None else 0
