@@ -12,6 +12,9 @@
     training: {TrainingArguments keys; deepspeed: zero2 | zero3 | PATH}
     feature_cache: PATH             # optional, vision and DTS frozen: store their output per video there and
                                     # reuse it (each video decoded and encoded once; see train/features.py)
+    haystacks: {lengths, count, needles_per_step, extra_dense, weight, families, seed}
+                                    # optional: a needle-reading loss over long pre-filled synthetic
+                                    # haystacks' bi-level caches, added to every step (train/haystack.py)
 
 Every relative path is relative to the folder of the file that holds it, so a config runs from anywhere.
 Typos fail early: unknown keys are errors that name the file and the key.
@@ -64,6 +67,7 @@ _TOP_KEYS = {
     "learning_rates",
     "training",
     "feature_cache",
+    "haystacks",
 }
 
 
@@ -79,6 +83,7 @@ class TrainConfig:
     training: dict
     learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)
     feature_cache: Path | None = None
+    haystacks: object | None = None  # train/haystack.py's HaystackSettings
 
     @property
     def tiny_overrides(self) -> dict | None:
@@ -225,6 +230,16 @@ def load_config(path, overrides: dict | None = None) -> TrainConfig:
     dtype = str(raw.get("model_dtype", "float32"))
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"{where}: model_dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    haystacks = None
+    if raw.get("haystacks") is not None:
+        from .haystack import HaystackSettings
+
+        haystacks = HaystackSettings.parse(raw["haystacks"], where)
+        if trainable["vision"] or trainable["dts"]:
+            raise ConfigError(
+                f"{where}: haystacks re-encode needle frames without training the vision side; "
+                "set trainable.vision and trainable.dts to false"
+            )
     return TrainConfig(
         source=path,
         model=model,
@@ -236,4 +251,5 @@ def load_config(path, overrides: dict | None = None) -> TrainConfig:
         training=parse_training(raw["training"], base, where, overrides or {}),
         learning_rates=parse_learning_rates(raw.get("learning_rates"), where),
         feature_cache=feature_cache,
+        haystacks=haystacks,
     )

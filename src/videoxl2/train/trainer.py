@@ -123,9 +123,12 @@ def part_trainer_class():
     from transformers import Trainer
 
     class PartTrainer(Trainer):
-        def __init__(self, *args, part_rates: dict[str, float] | None = None, feature_store=None, **kwargs):
+        def __init__(self, *args, part_rates=None, feature_store=None, haystacks=None, **kwargs):
             self.part_rates = dict(part_rates or {})
             self.feature_store = feature_store
+            self.haystacks = haystacks  # train/haystack.py's pool: its needle loss joins every micro-batch's
+            self.needle_losses: list[float] = []
+            self.micro_batches = 0
             super().__init__(*args, **kwargs)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
@@ -134,7 +137,35 @@ def part_trainer_class():
                 inputs["visual_features"] = self.complete_features(
                     model, keys, inputs.pop("visual_features"), inputs.pop("pixel_values")
                 )
-            return super().compute_loss(model, inputs, *args, **kwargs)
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            if self.haystacks is None or not model.training:
+                return loss
+            return loss + self.needle_term(kwargs.get("num_items_in_batch"))
+
+        def needle_term(self, num_items_in_batch):
+            """This micro-batch's share of the step's needle samples, weighted so that a step adds
+            `weight` x their mean loss to the Trainer's loss, however the Trainer scales for accumulation."""
+            from .haystack import split_evenly
+
+            settings, parts = self.haystacks.settings, self.current_gradient_accumulation_steps
+            count = split_evenly(settings.needles_per_step, parts, self.micro_batches)
+            self.micro_batches += 1
+            if count == 0:
+                return 0.0
+            term = self.haystacks.loss(count)
+            self.needle_losses.append(float(term.detach()))
+            term = term * settings.weight * count / settings.needles_per_step
+            # The Trainer divides the loss by the accumulation steps unless the model normalised it itself.
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+            return term * parts if not scaled else term
+
+        def log(self, logs: dict, *args, **kwargs):
+            if self.needle_losses and "loss" in logs:
+                logs["needle_loss"] = round(sum(self.needle_losses) / len(self.needle_losses), 4)
+                self.needle_losses = []
+            return super().log(logs, *args, **kwargs)
 
         def complete_features(self, model, keys, features, pixels) -> list:
             """Stored features as they are; the others computed from their frames (frozen parts, no
@@ -230,16 +261,24 @@ def train(config: TrainConfig, resume: bool | str | None = None) -> TrainResult:
 
         store = FeatureStore(config.feature_cache, frozen_fingerprint(model))
     dataset = SupervisedDataset(samples, tokenizer, model.config, config.data, feature_store=store)
+    start = time.perf_counter()  # the haystacks' pre-fill is part of training: the clock starts before it
+    haystacks = None
+    if config.haystacks is not None:
+        from .haystack import HaystackPool
+
+        if args.world_size > 1:
+            raise ConfigError("haystacks: the needle loss runs in one process; launch without torchrun")
+        haystacks = HaystackPool(model, tokenizer, config.haystacks)
     trainer = part_trainer_class()(
         part_rates=config.learning_rates,
         feature_store=store,
+        haystacks=haystacks,
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=Collator(pad),
         processing_class=tokenizer,
     )
-    start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     if config.lora:
