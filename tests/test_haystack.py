@@ -58,9 +58,9 @@ def test_unit_frames_are_what_the_video_with_the_new_needle_decodes_to(pool, tmp
     from videoxl2.video import read_video
 
     for index, haystack in enumerate(pool.haystacks):
-        spec = haystack.spec
-        needle = Needle("yellow", "triangle", spec.num_frames // 2 // 4 * 4)  # past a keyframe or two
-        unit = needle.start_frame // 4 // haystack.memory.unit_size
+        spec, old = haystack.spec, haystack.spec.needles[0]
+        needle = Needle("yellow" if old.colour != "yellow" else "cyan", "triangle", old.start_frame)
+        unit = old.start_frame // 4 // haystack.memory.unit_size
         first, last = haystack.memory.unit_groups(unit)
         whole = VideoSpec(spec.num_frames, spec.fps, spec.seed, (needle,))
         _, batches = read_video(write_video(whole, tmp_path / f"{index}.mp4"), max_num_frames=spec.num_frames)

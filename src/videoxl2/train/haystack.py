@@ -4,19 +4,20 @@ A model trained on short videos finds a needle in a long one (selection keeps it
 read it among thousands of sparse rows at distances it never met. Full-length training sequences do not fit
 a small budget, and training on a few pre-filled long videos teaches their answers by heart. So:
 
-- a pool of long synthetic haystacks without needles is pre-filled once by the engine (chunked pre-fill,
-  bi-level memory; no gradient);
-- each needle sample draws a group of a haystack and a needle (colour and shape) for it, re-encodes that
-  group's unit as the video with the needle decodes it, pre-fills the unit again *with gradients* at its
-  true position (its context: the store's rows, detached, seen exactly as chunked pre-fill sees them),
+- a pool of long synthetic haystacks, each with one needle, is pre-filled once by the engine (chunked
+  pre-fill, bi-level memory; no gradient);
+- each needle sample draws a new needle (colour and shape) for a haystack's needle group, re-encodes that
+  group's unit as the video with the new needle decodes it, pre-fills the unit again *with gradients* at
+  its true position (its context: the store's rows, detached, seen exactly as chunked pre-fill sees them),
   splices the unit's rows into the bi-level cache the engine assembles around it (first, last and a few
   other units dense, the rest sparse, keys at their pre-fill positions) and scores the answer to a
   question about the needle.
 
-Every draw is new, in place and in kind, so nothing about a haystack predicts an answer. What the sample
-leaves out: rows after the unit are the needle-free video's (in the real video they have seen the needle),
-which also keeps the answer in the unit alone. The loss is added to the Trainer's on every micro-batch
-(`train/trainer.py`), so short videos keep training alongside.
+The later rows still carry the pool's own needle, as a real video's later rows carry its needle: the
+answer must come from the unit, not from that trace, and it is a new draw every time, so nothing about a
+haystack predicts it. (Needle-free haystacks with the needle drawn anywhere read worse: the model never
+meets the trace and answers with one default shape; model card.) The loss is added to the Trainer's on every
+micro-batch (`train/trainer.py`), so short videos keep training alongside.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class HaystackSettings:
 
 @dataclass
 class Haystack:
-    spec: object  # data.synthetic.VideoSpec: the pool's video (no needle)
+    spec: object  # data.synthetic.VideoSpec: the pool's video (one needle)
     frames: np.ndarray  # decoded frames, (F, H, W, 3) uint8
     memory: object  # engine.memory.VideoMemory (chunked pre-fill, sparse KV built)
     question_ids: object  # question text -> token ids after the video (the session's own prompt)
@@ -127,7 +128,7 @@ class HaystackPool:
     def _build(self, progress: bool) -> list[Haystack]:
         from tqdm.auto import tqdm
 
-        from ..data.synthetic import VideoSpec, write_video
+        from ..data.synthetic import COLOURS, SHAPES, Needle, VideoSpec, write_video
         from ..engine.session import VideoSession
         from ..video import read_video
 
@@ -136,7 +137,9 @@ class HaystackPool:
         with tempfile.TemporaryDirectory(prefix="videoxl2-haystacks-") as tmp, torch.no_grad():
             for i in tqdm(range(self.settings.count), desc="haystacks", disable=not progress):
                 frames_count = lengths[i % len(lengths)]
-                spec = VideoSpec(frames_count, 1.0, int(rng.integers(2**31)))  # no needle: a sample draws one
+                group = int(rng.integers(frames_count // 4))
+                needle = Needle(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), group * 4)
+                spec = VideoSpec(frames_count, 1.0, int(rng.integers(2**31)), (needle,))
                 path = write_video(spec, Path(tmp) / f"haystack-{i}.mp4")
                 plan, batches = read_video(path, max_num_frames=frames_count, sample_fps=1.0)
                 frames = np.concatenate(list(batches))
@@ -151,8 +154,8 @@ class HaystackPool:
 
     # -- one sample ---------------------------------------------------------------------------------------
     def unit_frames(self, haystack: Haystack, needle, first: int, last: int) -> np.ndarray:
-        """The frames of groups first..last of the haystack's video with `needle` drawn in, as that video
-        decodes them. The codec codes the needle against the frames before it (a fresh clip
+        """The frames of groups first..last of the haystack's video with `needle` in place of its own, as
+        that video decodes them. The codec codes the needle against the frames before it (a fresh clip
         of the needle alone decodes far cleaner than a long video does: mean error 5 against 14.5 on
         0-255), so the clip is encoded from a keyframe at least `CODEC_LEAD` frames earlier through
         `CODEC_TAIL` frames after the unit: the frames it gives are the long video's, bit for bit
@@ -257,7 +260,7 @@ class HaystackPool:
         rng, model, settings = self.rng, self.model, self.settings
         haystack = self.haystacks[int(rng.integers(len(self.haystacks)))]
         memory, spec = haystack.memory, haystack.spec
-        group = int(rng.integers(memory.layout.num_groups))
+        group = spec.needles[0].start_frame // 4
         unit = group // memory.unit_size
         first, last = memory.unit_groups(unit)
         needle = Needle(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), group * 4)
