@@ -15,9 +15,9 @@ a small budget, and training on a few pre-filled long videos teaches their answe
 
 The later rows still carry the pool's own needle, as a real video's later rows carry its needle: the
 answer must come from the unit, not from that trace, and it is a new draw every time, so nothing about a
-haystack predicts it. (Needle-free haystacks with the needle drawn anywhere read worse: the model never
-meets the trace and answers with one default shape; model card.) The loss is added to the Trainer's on every
-micro-batch (`train/trainer.py`), so short videos keep training alongside.
+haystack predicts it. (Needle-free haystacks with the needle drawn anywhere give every position, not one
+per haystack, but read worse in the one comparison made; model card.) The loss is added to the Trainer's
+on every micro-batch (`train/trainer.py`), so short videos keep training alongside.
 """
 
 from __future__ import annotations
