@@ -96,11 +96,12 @@ def test_config_with_haystacks_trains_and_logs_the_needle_loss(tmp_path, media):
     frozen = {"vision": False, "dts": False, "projector": True, "llm": True}
     path = write_config(tmp_path, media, trainable=frozen, max_steps=2, logging_steps=1)
     raw = yaml.safe_load(path.read_text())
-    raw["haystacks"] = {"lengths": [64], "count": 1, "needles_per_step": 2, "extra_dense": 1}
+    raw["haystacks"] = {"lengths": [64], "count": 1, "needles_per_step": 2, "extra_dense": 1, "start_step": 1}
     path.write_text(yaml.safe_dump(raw))
     result = train(load_config(path))
+    steps = [entry["step"] for entry in result.log_history if "needle_loss" in entry]
     needle = [entry["needle_loss"] for entry in result.log_history if "needle_loss" in entry]
-    assert len(needle) == 2 and all(value > 0 for value in needle), result.log_history
+    assert steps == [2] and needle[0] > 0, result.log_history  # from step 1 on: the second step only
 
 
 @pytest.mark.parametrize(
@@ -110,6 +111,10 @@ def test_config_with_haystacks_trains_and_logs_the_needle_loss(tmp_path, media):
         ({"lengths": [64], "count": 1, "needles_per_step": 2, "depth": 3}, r"unknown keys \['depth'\]"),
         ({"lengths": [2], "count": 1, "needles_per_step": 2}, "lengths must be a list of frame counts"),
         ({"lengths": [64], "count": 0, "needles_per_step": 2}, "count must be a positive integer"),
+        (
+            {"lengths": [64], "count": 1, "needles_per_step": 2, "start_step": -1},
+            "start_step must be an integer",
+        ),
         ({"lengths": [64], "count": 1, "needles_per_step": 2, "families": {"why": 1}}, "families must map"),
     ],
 )

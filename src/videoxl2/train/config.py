@@ -12,7 +12,7 @@
     training: {TrainingArguments keys; deepspeed: zero2 | zero3 | PATH}
     feature_cache: PATH             # optional, vision and DTS frozen: store their output per video there and
                                     # reuse it (each video decoded and encoded once; see train/features.py)
-    haystacks: {lengths, count, needles_per_step, extra_dense, weight, families, seed}
+    haystacks: {lengths, count, needles_per_step, extra_dense, weight, families, seed, start_step}
                                     # optional: a needle-reading loss over long pre-filled synthetic
                                     # haystacks' bi-level caches, added to every step (train/haystack.py)
 

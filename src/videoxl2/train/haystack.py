@@ -47,8 +47,9 @@ class HaystackSettings:
     weight: float = 1.0  # of the needle loss against the Trainer's
     families: dict[str, float] = field(default_factory=lambda: {"what": 0.6, "choice": 0.4})
     seed: int = 0
+    start_step: int = 0  # optimizer step from which the loss joins (the pool is pre-filled then)
 
-    KEYS = ("lengths", "count", "needles_per_step", "extra_dense", "weight", "families", "seed")
+    KEYS = ("lengths", "count", "needles_per_step", "extra_dense", "weight", "families", "seed", "start_step")
 
     @classmethod
     def parse(cls, section, where: str) -> HaystackSettings:
@@ -77,13 +78,15 @@ class HaystackSettings:
             weight=float(section.get("weight", 1.0)),
             families=dict(section.get("families") or {"what": 0.6, "choice": 0.4}),
             seed=section.get("seed", 0),
+            start_step=section.get("start_step", 0),
         )
         for key in ("count", "needles_per_step"):
             value = getattr(settings, key)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{where}: haystacks.{key} must be a positive integer, got {value!r}")
-        if not isinstance(settings.extra_dense, int) or settings.extra_dense < 0:
-            raise ConfigError(f"{where}: haystacks.extra_dense must be an integer >= 0")
+        for key in ("extra_dense", "start_step"):
+            if not isinstance(getattr(settings, key), int) or getattr(settings, key) < 0:
+                raise ConfigError(f"{where}: haystacks.{key} must be an integer >= 0")
         unknown = sorted(set(settings.families) - set(FAMILIES))
         weights = list(settings.families.values())
         if (
@@ -123,7 +126,15 @@ class HaystackPool:
         closing = tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]
         self._closing = closing
         self._global_rows: dict[int, tuple] = {}
-        self.haystacks = self._build(progress)
+        self._progress = progress
+        self._haystacks: list[Haystack] | None = None
+
+    @property
+    def haystacks(self) -> list[Haystack]:
+        """The pre-filled haystacks, made on first use: with the weights of that moment (`start_step`)."""
+        if self._haystacks is None:
+            self._haystacks = self._build(self._progress)
+        return self._haystacks
 
     def _build(self, progress: bool) -> list[Haystack]:
         from tqdm.auto import tqdm

@@ -140,6 +140,8 @@ def part_trainer_class():
             loss = super().compute_loss(model, inputs, *args, **kwargs)
             if self.haystacks is None or not model.training:
                 return loss
+            if self.state.global_step < self.haystacks.settings.start_step:
+                return loss
             return loss + self.needle_term(kwargs.get("num_items_in_batch"))
 
         def needle_term(self, num_items_in_batch):
