@@ -263,8 +263,7 @@ def train(config: TrainConfig, resume: bool | str | None = None) -> TrainResult:
 
         store = FeatureStore(config.feature_cache, frozen_fingerprint(model))
     dataset = SupervisedDataset(samples, tokenizer, model.config, config.data, feature_store=store)
-    start = time.perf_counter()  # the haystacks' pre-fill is part of training: the clock starts before it
-    haystacks = None
+    haystacks = None  # pre-filled inside trainer.train (at `start_step`), so its time is training time
     if config.haystacks is not None:
         from .haystack import HaystackPool
 
@@ -281,6 +280,7 @@ def train(config: TrainConfig, resume: bool | str | None = None) -> TrainResult:
         data_collator=Collator(pad),
         processing_class=tokenizer,
     )
+    start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     if config.lora:
