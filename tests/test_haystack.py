@@ -128,6 +128,17 @@ def test_haystacks_config_errors_name_the_field(tmp_path, media, section, messag
         load_config(path)
 
 
+def test_haystacks_over_the_context_fail_before_training(tiny):
+    model, tokenizer = tiny
+    limit = model.config.context_limit
+    frames = 4 * (limit // model.config.tokens_per_group + 1)
+    settings = HaystackSettings(lengths=[64, frames], count=2, needles_per_step=1)
+    with pytest.raises(
+        ConfigError, match=f"haystacks.lengths: {frames} frames make .* over the model's context of {limit}"
+    ):
+        HaystackPool(model, tokenizer, settings, progress=False)
+
+
 def test_haystacks_need_a_frozen_vision_side(tmp_path, media):  # noqa: F811
     path = write_config(tmp_path, media, trainable="stage3")
     raw = yaml.safe_load(path.read_text())

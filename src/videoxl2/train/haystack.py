@@ -127,7 +127,22 @@ class HaystackPool:
         self._closing = closing
         self._global_rows: dict[int, tuple] = {}
         self._progress = progress
+        self.check_context()
         self._haystacks: list[Haystack] | None = None
+
+    def check_context(self) -> None:
+        """Fail before training, not at `start_step`, when the longest haystack is over the context."""
+        from ..prompt import IMAGE_MARKER, build_layout, build_prompt
+
+        config, frames = self.model.config, max(self.settings.lengths)
+        seconds = [float(t) for t in range(0, frames, config.frames_per_group)]
+        prefix = build_prompt("?").split(IMAGE_MARKER)[0] + IMAGE_MARKER
+        layout = build_layout(self.tokenizer, prefix, seconds, config.tokens_per_group, config.video_token_id)
+        if layout.length >= config.context_limit:
+            raise ConfigError(
+                f"haystacks.lengths: {frames} frames make {layout.length} tokens, over the model's context "
+                f"of {config.context_limit}; use shorter haystacks or a model with a longer context"
+            )
 
     @property
     def haystacks(self) -> list[Haystack]:
