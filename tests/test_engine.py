@@ -12,6 +12,7 @@ from videoxl2.engine.decode import answer_from_cache, run_on_cache
 from videoxl2.engine.memory import VideoMemory
 from videoxl2.engine.prefill import prefill_video
 from videoxl2.engine.reference import chunk_visibility, reference_forward
+from videoxl2.engine.runner import attention
 from videoxl2.engine.select import (
     choose_units,
     read_selection_file,
@@ -325,3 +326,51 @@ def test_release_selection_file(tmp_path):
     path.write_text("{")
     with pytest.raises(InputError, match="unreadable selection file"):
         read_selection_file(path, "clip.mp4", "q", 4)
+
+
+@pytest.fixture(scope="module")
+def yarn_case():
+    """A tiny model whose RoPE scales attention (YaRN's mscale, 1.14 here): every stored key carries it."""
+    from videoxl2.tiny import build_tiny_model
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    tiny = build_tiny_model(seed=0, text=dict(rope_parameters=rope, max_position_embeddings=256))
+    return engine_case(tiny, "What colour is the square?", 2.5, seed=1, groups=GROUPS)
+
+
+def test_rope_attention_scaling_is_applied_once(yarn_case):
+    """Pre-fill scales fresh keys as transformers does; undoing RoPE for the sparse KV and turning stored
+    keys to new positions are pure rotations, so the scale is neither lost nor applied twice."""
+    model, _, layout, embeds = yarn_case
+    prefill, _ = build_memory(yarn_case)
+    runner = prefill.runner
+    assert runner.llm.rotary_emb.attention_scaling > 1.1
+    _, ref_cache = reference_forward(model, layout, embeds, chunk_visibility(layout, 2, 1))
+    end = layout.video_end
+    err = max(max_error(k, ref_cache.layers[i].keys[0, :, :end]) for i, k in enumerate(prefill.store.keys))
+    assert err <= 1e-4, f"pre-filled keys differ from transformers' by {err:.2e}"
+
+    # Compression 1: each group's sparse keys (RoPE undone, then turned back to their positions) are its
+    # dense keys.
+    memory = VideoMemory.from_store(prefill.store, layout, runner, 2, 1)
+    dense = memory.assemble(runner, None, rerotate=False)
+    sparse = memory.assemble(runner, (), rerotate=False)
+    assert sparse.length == dense.length
+    err = max(max_error(a[:, : dense.length], b[:, : dense.length]) for a, b in zip(sparse.keys, dense.keys))
+    assert err <= 1e-5, f"sparse keys at compression 1 differ from the dense ones by {err:.2e}"
+
+    # A stored key turned by d equals the key computed d positions later.
+    hidden = model.get_input_embeddings()(layout.input_ids[:6])
+    captured = {}
+
+    def keep(layer, q, k, v):
+        captured.setdefault(layer, []).append(k.clone())
+        return attention(q, k, v, causal=True)
+
+    with torch.inference_mode():
+        runner.forward(hidden, torch.arange(6), keep)
+        runner.forward(hidden, torch.arange(6) + 37, keep)
+    turned = [captured[layer][0].clone() for layer in range(runner.num_layers)]
+    runner.rotate_(turned, torch.full((6,), 37.0, dtype=torch.float64))
+    err = max(max_error(turned[layer], captured[layer][1]) for layer in range(runner.num_layers))
+    assert err <= 1e-5, f"turned keys differ from keys computed at the new positions by {err:.2e}"

@@ -103,14 +103,24 @@ class LayerRunner:
                 "offload to cpu/disk instead (--device-map with one GPU and cpu/disk entries)"
             )
 
-    def rope_tables(self, positions: torch.Tensor, like=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(
+        self, positions: torch.Tensor, like=None, scaled: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (n, D) in fp32 for float or integer positions (negative ones rotate backwards), on the
         device of `like` (a tensor or device; default the model's). Host positions are uploaded without
-        blocking; no tensor but the tables themselves is made."""
+        blocking; no tensor but the tables themselves is made.
+
+        A RoPE with an attention scaling (YaRN's mscale) multiplies the fresh queries and keys by it, as
+        transformers does (`scaled=True`); keys already stored carry it, so turning them to another
+        position (re-rotation, RoPE undone before pooling) must be a pure rotation (the default)."""
         device = self.device if like is None else like.device if isinstance(like, torch.Tensor) else like
         template = torch.empty(0, dtype=torch.float32, device=device)  # rotary_emb reads device and dtype
         cos, sin = self.llm.rotary_emb(template, upload(positions, device)[None].float())
-        return cos[0].float(), sin[0].float()
+        cos, sin = cos[0].float(), sin[0].float()
+        scaling = float(getattr(self.llm.rotary_emb, "attention_scaling", 1.0))
+        if not scaled and scaling != 1.0:
+            cos, sin = cos / scaling, sin / scaling
+        return cos, sin
 
     def rotate_(self, keys: list[torch.Tensor], turns: torch.Tensor, start: int = 0) -> None:
         """Rotate keys[layer][:, start + i] by the angle of position turns[i] (host float64), in place, for
@@ -135,7 +145,7 @@ class LayerRunner:
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, attend: Callable) -> torch.Tensor:
         """(n, H) embeddings at `positions` -> (n, H) last-layer hidden states (before the final norm)."""
-        cos, sin = self.rope_tables(positions, hidden)
+        cos, sin = self.rope_tables(positions, hidden, scaled=True)
         for index, layer in enumerate(self.llm.layers):
             x = layer.input_layernorm(hidden)
             q, k, v = self.project(layer, x)
