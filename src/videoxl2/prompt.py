@@ -159,6 +159,23 @@ class TokenLayout:
         return mask
 
 
+def video_prefix_text() -> str:
+    """The prompt text before the video, the same for every question: a session pre-fills it once."""
+    return build_prompt("?").split(IMAGE_MARKER)[0]
+
+
+def video_layout(tokenizer, config, group_seconds: Sequence[float]) -> TokenLayout:
+    """The layout a video session pre-fills (prefix text, then each group's time text and visual
+    placeholders), before any question; `config` is the model's (`tokens_per_group`, `video_token_id`)."""
+    return build_layout(
+        tokenizer,
+        video_prefix_text() + IMAGE_MARKER,
+        group_seconds,
+        config.tokens_per_group,
+        config.video_token_id,
+    )
+
+
 def build_layout(
     tokenizer,
     prompt: str,

@@ -65,7 +65,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..prompt import IMAGE_MARKER, GroupSpan, TokenLayout, build_prompt, time_text
+from ..prompt import GroupSpan, TokenLayout, time_text, video_prefix_text
 from ..video.live import LiveStats, iter_live_frames
 from ..video.preprocess import preprocess_frames
 from .budget import malloc_trim
@@ -90,8 +90,7 @@ class LayoutBuilder:
         self.tokenizer = tokenizer
         self.tokens_per_group = tokens_per_group
         self.video_token_id = video_token_id
-        prefix_text = build_prompt("?").split(IMAGE_MARKER)[0]
-        self.ids: list[int] = self._encode(prefix_text)
+        self.ids: list[int] = self._encode(video_prefix_text())
         self.video_start = len(self.ids)
         self.groups: list[GroupSpan] = []
 

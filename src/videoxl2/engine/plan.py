@@ -84,12 +84,12 @@ def token_counter(config, tokenizer=None, fps: float = 1.0):
         return lambda frames: TokenCounts.for_frames(
             frames, per_group, fps, frames_per_group=frames_per_group
         )
-    from ..prompt import IMAGE_MARKER, build_prompt, time_text
+    from ..prompt import time_text, video_prefix_text
 
     def encode(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    prefix = encode(build_prompt("?").split(IMAGE_MARKER)[0])
+    prefix = encode(video_prefix_text())
     time_tokens = functools.lru_cache(maxsize=None)(lambda seconds: encode(time_text(seconds)))
     return lambda frames: TokenCounts.for_frames(
         frames, per_group, fps, prefix, frames_per_group, lambda s: time_tokens(round(s, 1))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import Cancelled, InputError, MediaNotFoundError
 from ..generation import GenerationSettings, decode_answer
-from ..prompt import IMAGE_MARKER, TokenLayout, build_layout, build_prompt
+from ..prompt import IMAGE_MARKER, TokenLayout, build_prompt, video_layout
 from ..video import (
     expand_to_square,
     iter_frame_batches,
@@ -121,14 +121,7 @@ class VideoSession:
         config = model.config
         per_group = config.frames_per_group
         self.group_seconds = self.timestamps[::per_group]
-        prefix_text = build_prompt("?").split(IMAGE_MARKER)[0]
-        self.layout: TokenLayout = build_layout(
-            tokenizer,
-            prefix_text + IMAGE_MARKER,
-            self.group_seconds,
-            config.tokens_per_group,
-            config.video_token_id,
-        )
+        self.layout: TokenLayout = video_layout(tokenizer, config, self.group_seconds)
         if self.layout.length >= config.context_limit:
             raise InputError(
                 f"{source}: {len(self.timestamps)} frames make {self.layout.length} tokens, over the model's "

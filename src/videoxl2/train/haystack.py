@@ -132,12 +132,11 @@ class HaystackPool:
 
     def check_context(self) -> None:
         """Fail before training, not at `start_step`, when the longest haystack is over the context."""
-        from ..prompt import IMAGE_MARKER, build_layout, build_prompt
+        from ..prompt import video_layout
 
         config, frames = self.model.config, max(self.settings.lengths)
         seconds = [float(t) for t in range(0, frames, config.frames_per_group)]
-        prefix = build_prompt("?").split(IMAGE_MARKER)[0] + IMAGE_MARKER
-        layout = build_layout(self.tokenizer, prefix, seconds, config.tokens_per_group, config.video_token_id)
+        layout = video_layout(self.tokenizer, config, seconds)
         if layout.length >= config.context_limit:
             raise ConfigError(
                 f"haystacks.lengths: {frames} frames make {layout.length} tokens, over the model's context "
