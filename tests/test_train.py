@@ -640,3 +640,34 @@ def test_position_skip_moves_positions_apart_at_group_boundaries(tmp_path, media
     assert "position_offsets" not in dataset[0]
     with pytest.raises(ConfigError, match="position_skip: expected max_position"):
         DataSettings(datasets=[], position_skip={"max_positions": 10})
+
+
+def test_rope_encodes_positions_anew_and_keeps_the_prompt_limit(tmp_path, media):
+    """`rope:` (the context-extension step): the trained model carries the new RoPE, its rotary tables are
+    those transformers builds for it, and its prompt limit stays the one it had."""
+    from videoxl2.tiny import build_tiny_model
+
+    rope = dict(rope_type="yarn", rope_theta=10000.0, factor=64.0, original_max_position_embeddings=96)
+    rope.update(beta_fast=1.1, beta_slow=1.0, attention_factor=1.0)
+    path = write_config(tmp_path, media, max_steps=1)
+    raw = yaml.safe_load(path.read_text())
+    raw["rope"] = rope
+    path.write_text(yaml.safe_dump(raw))
+    limit = build_tiny_model(seed=0)[0].config.context_limit
+    trained = load_model(train(load_config(path)).output_dir)
+    text = trained.config.text_config
+    assert text.rope_parameters == rope and text.max_position_embeddings == 64 * 96
+    assert trained.config.context_limit == limit
+    expected = build_tiny_model(seed=0, text=dict(rope_parameters=rope, max_position_embeddings=64 * 96))[0]
+    assert torch.equal(trained.llm.rotary_emb.inv_freq, expected.llm.rotary_emb.inv_freq)
+    default = build_tiny_model(seed=0)[0].llm.rotary_emb.inv_freq
+    assert not torch.equal(trained.llm.rotary_emb.inv_freq, default)
+
+    raw["rope"] = {"rope_type": "yarn", "rope_theta": 10000.0}  # no factor
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="rope: not a RoPE transformers builds"):
+        train(load_config(path))
+    raw["rope"] = 5
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="rope must be rope_parameters"):
+        load_config(path)

@@ -15,6 +15,9 @@
     haystacks: {lengths, count, needles_per_step, extra_dense, weight, families, seed, start_step}
                                     # optional: a needle-reading loss over long pre-filled synthetic
                                     # haystacks' bi-level caches, added to every step (train/haystack.py)
+    rope: {rope_type: yarn, rope_theta, factor, original_max_position_embeddings, ...}
+                                    # optional: encode the LLM's positions anew before training (the
+                                    # context-extension step; transformers' `rope_parameters`)
 
 Every relative path is relative to the folder of the file that holds it, so a config runs from anywhere.
 Typos fail early: unknown keys are errors that name the file and the key.
@@ -68,6 +71,7 @@ _TOP_KEYS = {
     "training",
     "feature_cache",
     "haystacks",
+    "rope",
 }
 
 
@@ -84,6 +88,7 @@ class TrainConfig:
     learning_rates: dict[str, float] = dataclasses.field(default_factory=dict)
     feature_cache: Path | None = None
     haystacks: object | None = None  # train/haystack.py's HaystackSettings
+    rope: dict | None = None  # transformers' rope_parameters, set on the model before training
 
     @property
     def tiny_overrides(self) -> dict | None:
@@ -240,6 +245,9 @@ def load_config(path, overrides: dict | None = None) -> TrainConfig:
                 f"{where}: haystacks re-encode needle frames without training the vision side; "
                 "set trainable.vision and trainable.dts to false"
             )
+    rope = raw.get("rope")
+    if rope is not None and not (isinstance(rope, dict) and isinstance(rope.get("rope_type"), str)):
+        raise ConfigError(f"{where}: rope must be rope_parameters naming a rope_type, got {rope!r}")
     return TrainConfig(
         source=path,
         model=model,
@@ -252,4 +260,5 @@ def load_config(path, overrides: dict | None = None) -> TrainConfig:
         learning_rates=parse_learning_rates(raw.get("learning_rates"), where),
         feature_cache=feature_cache,
         haystacks=haystacks,
+        rope=dict(rope) if rope is not None else None,
     )

@@ -47,7 +47,10 @@ def build_model(config: TrainConfig, seed: int):
         if not path.is_dir():
             raise CheckpointError(f"{config.source}: model {path} is not a checkpoint folder")
         # No device placement: the Trainer (or DeepSpeed ZeRO-3, partitioned) places the model.
-        return load_model(path, device=None, dtype=dtype), load_tokenizer(config.tokenizer or path)
+        model = load_model(path, device=None, dtype=dtype)
+        if config.rope is not None:
+            set_rope(model, config.rope, f"{config.source}: rope")
+        return model, load_tokenizer(config.tokenizer or path)
     from ..tiny import build_tiny_model
     from ..tokenizer import build_tiny_tokenizer
 
@@ -57,7 +60,30 @@ def build_model(config: TrainConfig, seed: int):
         model, _ = build_tiny_model(seed, tokenizer, **{"init_std": None, **overrides})
     except TypeError as err:
         raise ConfigError(f"{config.source}: model.tiny: {err}") from err
+    if config.rope is not None:
+        set_rope(model, config.rope, f"{config.source}: rope")
     return model.to(dtype), tokenizer
+
+
+def set_rope(model, rope: dict, where: str) -> None:
+    """Encode the LLM's positions anew, weights unchanged: the context-extension step (e.g. YaRN after a
+    short-context stage). The model keeps its prompt limit (`max_context_tokens`); YaRN's
+    `max_position_embeddings` becomes factor x original, the ratio transformers expects of it."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    config, text = model.config, model.config.text_config
+    limit, old = config.context_limit, (text.rope_parameters, text.max_position_embeddings)
+    text.rope_parameters = dict(rope)
+    if rope.get("factor") and rope.get("original_max_position_embeddings"):
+        text.max_position_embeddings = int(rope["factor"] * rope["original_max_position_embeddings"])
+    try:
+        rotary = Qwen2RotaryEmbedding(config=text)
+    except (KeyError, TypeError, ValueError) as err:
+        text.rope_parameters, text.max_position_embeddings = old
+        raise ConfigError(f"{where}: not a RoPE transformers builds ({type(err).__name__}: {err})") from err
+    config.max_context_tokens = limit
+    device = model.llm.rotary_emb.inv_freq.device
+    model.llm.rotary_emb = rotary.to(device)
 
 
 def set_trainable(model, trainable: dict[str, bool]) -> dict[str, int]:
