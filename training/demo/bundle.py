@@ -14,7 +14,8 @@ KEEP = ("model.safetensors", "tokenizer.json", "tokenizer_config.json")
 # their pre-fill positions: the model never saw contiguous re-rotated ones, and with them it reads "when" a
 # group early (34 of 43 held-out "when" questions right instead of 39; dense 42).
 ENGINE = {"unit_size": 2, "topk": 4, "rerotate": False}
-# RoPE has no learned positions, so the limit only guards memory: room for V-NIAH's 4,096-frame haystacks.
+# The engine's prompt limit (`max_context_tokens`; the LLM's own `max_position_embeddings` belongs to its
+# RoPE scaling and stays as trained): room for V-NIAH's 4,096-frame haystacks.
 CONTEXT = 32768
 
 
@@ -24,7 +25,7 @@ def bundle(trained: Path, out: Path) -> None:
         shutil.copyfile(trained / name, out / name)
     config = json.loads((trained / "config.json").read_text())
     config.update(ENGINE)
-    config["text_config"]["max_position_embeddings"] = CONTEXT
+    config["max_context_tokens"] = CONTEXT
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
