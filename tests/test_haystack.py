@@ -104,6 +104,21 @@ def test_config_with_haystacks_trains_and_logs_the_needle_loss(tmp_path, media):
     assert steps == [2] and needle[0] > 0, result.log_history  # from step 1 on: the second step only
 
 
+def test_haystacks_train_through_lora_adapters(tmp_path, media):  # noqa: F811
+    """With `lora:` the LLM is a peft wrapper; the engine's pre-fill inside the needle loss must still reach
+    the decoder stack, and the loss must move the adapters only."""
+    frozen = {"vision": False, "dts": False, "projector": False, "llm": True}
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    path = write_config(tmp_path, media, trainable=frozen, lora=lora, max_steps=2, logging_steps=1)
+    raw = yaml.safe_load(path.read_text())
+    raw["haystacks"] = {"lengths": [64], "count": 1, "needles_per_step": 2, "extra_dense": 1}
+    path.write_text(yaml.safe_dump(raw))
+    result = train(load_config(path))
+    needle = [entry["needle_loss"] for entry in result.log_history if "needle_loss" in entry]
+    assert len(needle) == 2 and all(value > 0 for value in needle), result.log_history
+    assert result.trainable_params["llm"] > 0 and result.trainable_params["projector"] == 0
+
+
 @pytest.mark.parametrize(
     "section, message",
     [

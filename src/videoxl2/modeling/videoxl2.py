@@ -59,8 +59,12 @@ class VideoXL2ForCausalLM(PreTrainedModel):
 
     @property
     def llm(self) -> nn.Module:
-        """The Qwen2 decoder stack (embeddings, layers, final norm), for the engine."""
-        return self.language_model.model
+        """The Qwen2 decoder stack (embeddings, layers, final norm), for the engine; through a peft wrapper
+        (training with `lora:`) too, whose own `.model` is the whole causal LM."""
+        language_model = self.language_model
+        if hasattr(language_model, "get_base_model"):
+            language_model = language_model.get_base_model()
+        return language_model.model
 
     # -- the visual path ------------------------------------------------------------------------------
     def pad_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
