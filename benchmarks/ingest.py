@@ -14,7 +14,10 @@ with the model.
    layers, 144 visual tokens per group), torch at one thread and the reader at one decoding thread: decode
    alone (reader + preprocessing), model alone (the same pixels, already made), and the pipeline; the
    acceptance is pipeline <= 1.15 x max(decode alone, model alone).
-4. The bundled demo model, default threads: time to the first answer on the same video and plan, with the
+4. RGB conversion: decoded frames of each test video and of a 64x64 demo-style video converted by PyAV's
+   `frame.to_ndarray(format="rgb24")` (a new swscale context per frame) and by the reader's
+   `rgb_converter()` (one context reused), milliseconds per frame, checked bit for bit.
+5. The bundled demo model, default threads: time to the first answer on the same video and plan, with the
    per-stage split and the overlap achieved.
 
     python benchmarks/ingest.py                 # everything, about 20 min on 2 cores (videos cached)
@@ -270,6 +273,54 @@ def bench_demo(path: Path, frames: int = 256) -> dict:
 
 
 # -- report -------------------------------------------------------------------------------------------------
+# -- RGB conversion -----------------------------------------------------------------------------------------
+def bench_conversion(paths: dict[str, Path], folder: Path, frames: int = 120) -> list[dict]:
+    """Per-frame conversion cost, PyAV's per-frame context against the reader's reused one, on the same
+    decoded frames (the first `frames` of each video; the 64x64 one is the demo data's size)."""
+    from videoxl2.video.decode import rgb_converter
+    from videoxl2.video.synthetic import write_synthetic_video
+
+    small = folder / "demo-64x64.mp4"
+    if not small.exists():
+        write_synthetic_video(small, num_frames=frames, fps=1.0, size=(64, 64), seed=0)
+    rows = []
+    for name, path in {"64x64 (demo data)": small, **paths}.items():
+        with av.open(str(path)) as container:
+            decoded = [frame for _, frame in zip(range(frames), container.decode(video=0))]
+        start = time.perf_counter()
+        theirs = [frame.to_ndarray(format="rgb24") for frame in decoded]
+        per_frame_s = time.perf_counter() - start
+        to_rgb = rgb_converter()
+        start = time.perf_counter()
+        ours = [to_rgb(frame) for frame in decoded]
+        reused_s = time.perf_counter() - start
+        rows.append(
+            dict(
+                video=name,
+                frames=len(decoded),
+                size=f"{decoded[0].width}x{decoded[0].height}",
+                pyav_per_frame_ms=round(1000 * per_frame_s / len(decoded), 3),
+                reused_ms=round(1000 * reused_s / len(decoded), 3),
+                speedup=round(per_frame_s / reused_s, 2),
+                identical=all(np.array_equal(a, b) for a, b in zip(theirs, ours)),
+            )
+        )
+    return rows
+
+
+def conversion_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| video | size | frames | to_ndarray ms/frame | reused context ms/frame | speed-up | identical |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['video']} | {r['size']} | {r['frames']} | {r['pyav_per_frame_ms']:.3f} | "
+            f"{r['reused_ms']:.3f} | {r['speedup']:.1f}x | {'yes' if r['identical'] else 'NO'} |"
+        )
+    return lines
+
+
 def table(rows: list[dict]) -> list[str]:
     lines = [
         "| video | plan | front-to-back s (frames decoded) | ours s (frames decoded, path) | speed-up | "
@@ -295,6 +346,8 @@ def table(rows: list[dict]) -> list[str]:
 
 def report(result: dict) -> str:
     lines = table(result["reading"]) if result["reading"] else []
+    if result.get("conversion"):
+        lines += ["", "RGB conversion of decoded frames:", "", *conversion_table(result["conversion"])]
     overlap = result.get("overlap")
     if overlap:
         p = overlap["pipeline"]
@@ -327,6 +380,7 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="length of each test video")
     parser.add_argument("--skip-1080p", action="store_true")
     parser.add_argument("--skip-reading", action="store_true")
+    parser.add_argument("--skip-conversion", action="store_true")
     parser.add_argument("--skip-overlap", action="store_true")
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -344,6 +398,8 @@ def main(argv=None) -> None:
         videos={name: VIDEOS[name] for name in names},
         reading=[] if args.skip_reading else bench_reading(paths),
     )
+    if not args.skip_conversion:
+        result["conversion"] = bench_conversion(paths, args.out / "ingest" / "videos")
     if not args.skip_overlap:
         result["overlap"] = bench_overlap(paths[E2E_VIDEO])
     if not args.skip_demo:

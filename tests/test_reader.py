@@ -113,6 +113,19 @@ def test_frames_are_those_of_front_to_back_decoding(videos, kind):
         assert stats.path == expected_path, (kind, stats)
 
 
+@pytest.mark.parametrize("kind", ["mp4", "webm", "mpegts"])
+def test_rgb_conversion_is_pyavs_own(videos, kind):
+    """The reused swscale context gives the pixels `frame.to_ndarray(format="rgb24")` gives, frame by frame
+    (the front-to-back reference converts through it too, so this pins both to PyAV's own conversion)."""
+    to_rgb = reader.rgb_converter()
+    with av.open(str(videos[kind])) as container:
+        for number, frame in enumerate(container.decode(video=0)):
+            ours, theirs = to_rgb(frame), frame.to_ndarray(format="rgb24")
+            assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (
+                f"{kind}, frame {number}: max difference {np.abs(ours.astype(int) - theirs).max()}"
+            )
+
+
 def test_a_sparse_plan_decodes_less_and_seeks(videos):
     stats = ReadStats()
     frames = list(iter_frames(videos["mp4"], [5, 60, 90], stats=stats))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaNotFoundError, VideoDecodeError
@@ -186,6 +187,14 @@ def _configure(stream, threads: int | None) -> None:
     stream.codec_context.thread_count = 0 if threads is None else int(threads)
 
 
+def rgb_converter():
+    """A frame -> RGB24 array function for one stream's frames. `VideoFrame.to_ndarray(format="rgb24")` gives
+    every frame its own swscale context, whose set-up costs more than decoding a small frame (9x the time on
+    the demo's 64x64 videos); one reused `VideoReformatter` gives the same pixels without it."""
+    reformatter = VideoReformatter()
+    return lambda frame: reformatter.reformat(frame, format="rgb24").to_ndarray()
+
+
 def _decode_with_index(
     path: Path, index: FrameIndex, targets: Sequence[int], threads: int | None, stats: ReadStats
 ) -> Iterator[np.ndarray]:
@@ -195,6 +204,7 @@ def _decode_with_index(
     where = {int(p): i for i, p in enumerate(index.packet_pts)}
     count = len(targets)
     cursor = 0
+    to_rgb = rgb_converter()
     with _open(path) as container:
         stream = container.streams.video[0]
         _configure(stream, threads)
@@ -229,7 +239,7 @@ def _decode_with_index(
                 if frame.pts > want_pts[cursor]:
                     raise _IndexMismatch(f"frame {targets[cursor]} never came out of the decoder")
                 if frame.pts == want_pts[cursor]:
-                    image = frame.to_ndarray(format="rgb24")
+                    image = to_rgb(frame)
                     while cursor < count and want_pts[cursor] == frame.pts:
                         yield image
                         cursor += 1
@@ -270,6 +280,7 @@ def decode_front_to_back(
     path = _check_file(path)
     stats = stats if stats is not None else ReadStats()
     cursor, count = 0, len(targets)
+    to_rgb = rgb_converter()
     with _open(path) as container:
         stream = container.streams.video[0]
         _configure(stream, threads)
@@ -277,7 +288,7 @@ def decode_front_to_back(
             stats.frames_decoded += 1
             if number < targets[cursor]:
                 continue
-            image = frame.to_ndarray(format="rgb24")
+            image = to_rgb(frame)
             while cursor < count and targets[cursor] == number:
                 yield image
                 cursor += 1

@@ -23,6 +23,7 @@ import av
 import numpy as np
 
 from ..errors import InputError, MediaNotFoundError, VideoDecodeError
+from .decode import rgb_converter
 
 URL_SCHEMES = {"rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt"}
 
@@ -116,6 +117,7 @@ def iter_live_frames(
         first = None
         next_tick = 0.0
         step = 1.0 / fps
+        to_rgb = rgb_converter()
         try:
             for frame in container.decode(stream):
                 if stop is not None and stop.is_set():
@@ -133,7 +135,7 @@ def iter_live_frames(
                 while next_tick <= seconds + 1e-6:
                     next_tick += step
                 stats.frames_kept += 1
-                yield frame.to_ndarray(format="rgb24"), round(seconds, 1)
+                yield to_rgb(frame), round(seconds, 1)
         except (av.error.FFmpegError, OSError) as err:
             stats.ended = f"source error: {str(err).splitlines()[0][:120]}"
             return
