@@ -189,8 +189,9 @@ def _configure(stream, threads: int | None) -> None:
 
 def rgb_converter():
     """A frame -> RGB24 array function for one stream's frames. `VideoFrame.to_ndarray(format="rgb24")` gives
-    every frame its own swscale context, whose set-up costs more than decoding a small frame (9x the time on
-    the demo's 64x64 videos); one reused `VideoReformatter` gives the same pixels without it."""
+    every frame its own swscale context, whose set-up is most of the cost on small frames (5x the time on the
+    demo's 64x64 videos, 2-3x at 480p: `benchmarks/ingest.py`); one reused `VideoReformatter` gives the same
+    pixels without it."""
     reformatter = VideoReformatter()
     return lambda frame: reformatter.reformat(frame, format="rgb24").to_ndarray()
 
