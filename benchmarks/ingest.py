@@ -272,7 +272,6 @@ def bench_demo(path: Path, frames: int = 256) -> dict:
         return dict(frames=frames, **time_session(session))
 
 
-# -- report -------------------------------------------------------------------------------------------------
 # -- RGB conversion -----------------------------------------------------------------------------------------
 def bench_conversion(paths: dict[str, Path], folder: Path, frames: int = 120) -> list[dict]:
     """Per-frame conversion cost, PyAV's per-frame context against the reader's reused one, on freshly
@@ -328,6 +327,7 @@ def conversion_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+# -- report -------------------------------------------------------------------------------------------------
 def table(rows: list[dict]) -> list[str]:
     lines = [
         "| video | plan | front-to-back s (frames decoded) | ours s (frames decoded, path) | speed-up | "
