@@ -16,7 +16,8 @@ with the model.
    acceptance is pipeline <= 1.15 x max(decode alone, model alone).
 4. RGB conversion: decoded frames of each test video and of a 64x64 demo-style video converted by PyAV's
    `frame.to_ndarray(format="rgb24")` (a new swscale context per frame) and by the reader's
-   `rgb_converter()` (one context reused), milliseconds per frame, checked bit for bit.
+   `rgb_converter()` (one context reused), on frames decoded afresh for each side, best of three,
+   milliseconds per frame, checked bit for bit.
 5. The bundled demo model, default threads: time to the first answer on the same video and plan, with the
    per-stage split and the overlap achieved.
 
