@@ -571,6 +571,20 @@ def test_lora_trains_adapters_and_saves_merged(tmp_path, media):
     assert not torch.equal(before[query], after[query])
 
 
+def test_lora_target_modules_regex_reaches_only_the_named_layer():
+    """A string `target_modules` is peft's regex over the LLM's module names (docs/training.md)."""
+    pytest.importorskip("peft", reason="LoRA needs peft (the train extra)")
+    from videoxl2.tiny import build_tiny_model
+    from videoxl2.train.config import LORA_DEFAULTS
+    from videoxl2.train.trainer import add_lora
+
+    model = build_tiny_model(seed=0)[0]
+    last = model.config.text_config.num_hidden_layers - 1
+    add_lora(model, {**LORA_DEFAULTS, "target_modules": rf".*layers\.{last}\.(self_attn|mlp)\..*_proj"})
+    adapted = {n.rsplit(".", 1)[0] for n, _ in model.language_model.named_modules() if n.endswith(".lora_A")}
+    assert len(adapted) == 7 and all(f"layers.{last}." in n for n in adapted), sorted(adapted)
+
+
 def test_example_configs_parse_and_deepspeed_presets_resolve():
     from videoxl2.train.config import CONFIG_DIR
 
