@@ -89,3 +89,39 @@ def test_forward_with_pixels_fills_placeholders(tiny):
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixels, labels=labels)
     assert out.logits.shape == (2, 19, model.config.vocab_size) and torch.isfinite(out.loss)
+
+
+def test_training_forward_scores_labelled_positions_with_the_plain_loss_and_gradients():
+    """The training forward runs the LM head on labelled rows only; loss and every gradient must be Qwen2's
+    own full-logits loss, with and without the Trainer's `num_items_in_batch`."""
+    from videoxl2.tiny import build_tiny_model
+
+    model, _ = build_tiny_model(seed=1)
+    model.train()
+    vid = model.config.video_token_id
+    ids = torch.tensor([[1, 2] + [vid] * 16 + [5, 8, 7], [7] + [vid] * 16 + [4, 4, 10, 11]])
+    pixels = [torch.randn(4, 3, 63, 63, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    labels = torch.full_like(ids, -100)
+    labels[0, 18:] = ids[0, 18:]
+    labels[1, 17:19] = ids[1, 17:19]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fast: bool, num_items):
+        model.zero_grad()
+        if fast:
+            out = model(input_ids=ids, pixel_values=pixels, labels=labels, num_items_in_batch=num_items)
+        else:
+            embeds = model.embed_inputs(ids, torch.cat([model.encode_video(f) for f in pixels]))
+            out = model.language_model(inputs_embeds=embeds, labels=labels, num_items_in_batch=num_items)
+        out.loss.backward()
+        return out, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+    for num_items in (None, torch.tensor(9)):
+        fast, fast_grads = run(True, num_items)
+        plain, plain_grads = run(False, num_items)
+        assert fast.logits.shape == (5, model.config.text_config.vocab_size)
+        assert plain.logits.shape[:2] == ids.shape
+        loss_error = (fast.loss - plain.loss).abs().item()
+        grad_error = max((a - b).abs().max().item() for a, b in zip(fast_grads, plain_grads))
+        assert loss_error <= 1e-6, f"loss differs by {loss_error:.2e} (num_items_in_batch={num_items})"
+        assert grad_error <= 1e-6, f"gradients differ by {grad_error:.2e} (num_items={num_items})"

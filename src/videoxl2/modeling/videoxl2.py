@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Qwen2ForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import VideoXL2Config
 from ..errors import InputError
@@ -146,7 +147,8 @@ class VideoXL2ForCausalLM(PreTrainedModel):
         (one `visual_features` output per video, in row order) stand for frames whose vision side is frozen:
         only the projector runs on them.
         Everything else (`attention_mask`, `position_ids`, `past_key_values`, `labels`, ...) goes to Qwen2; a
-        4-D boolean `attention_mask` (custom visibility, True = may attend) is made additive first.
+        4-D boolean `attention_mask` (custom visibility, True = may attend) is made additive first. A training
+        forward with `labels` scores only the labelled positions (`scored_loss`).
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -160,7 +162,29 @@ class VideoXL2ForCausalLM(PreTrainedModel):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim == 4 and mask.dtype == torch.bool:
             kwargs["attention_mask"] = self.additive_mask(mask, inputs_embeds.dtype)
+        if kwargs.get("labels") is not None and self.training and torch.is_grad_enabled():
+            return self.scored_loss(inputs_embeds, **kwargs)
         return self.language_model(inputs_embeds=inputs_embeds, **kwargs)
+
+    def scored_loss(self, inputs_embeds: torch.Tensor, labels: torch.Tensor, **kwargs):
+        """Qwen2's causal-LM loss with the LM head run on the labelled positions only.
+
+        Visual and prompt tokens carry no label, yet a plain forward projects every one of them onto the
+        vocabulary: (batch, length, vocab) logits, gigabytes at the released 151k vocabulary and a long video.
+        The loss (and so every gradient) is the same; `logits` holds the scored rows only, (scored, vocab).
+        """
+        targets = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        scored = targets != -100
+        hidden = self.llm(inputs_embeds=inputs_embeds, **kwargs).last_hidden_state
+        logits = self.get_output_embeddings()(hidden[scored])
+        loss = self.language_model.loss_function(
+            logits=logits,
+            labels=None,
+            shift_labels=targets[scored],
+            vocab_size=self.config.text_config.vocab_size,
+            **kwargs,
+        )
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def additive_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A custom (batch, 1, L, L) boolean mask (True = may attend; training's independent turns) as the
