@@ -50,7 +50,7 @@ def test_new_videos_are_answered_in_dense_and_bilevel_modes(demo, tmp_path):
                     text = session.ask(q.question, generation_config={"max_new_tokens": 128}).text
                     right = normalize_text(text) == normalize_text(q.answer)
                     outcome.append((q.family, q.answer, text, right))
-    # Bars under the model card's held-out figures (95% dense, 94.5% bi-level on 200 questions; 35 of 37
+    # Bars under the model card's held-out figures (95% dense, 94% bi-level on 200 questions; 35 of 37
     # here in both modes): a regression check on 37 questions, not a measurement.
     scores = {}
     for mode, outcome in results.items():

@@ -39,7 +39,8 @@ def test_needle_frames_show_the_needle_after_encoding(tmp_path):
 
 def test_late_frames_of_a_long_video_decode_as_cleanly_as_the_first(tmp_path):
     """The encoder runs at a fixed quantiser: without it the rate control let the error of a shape's pixels
-    climb from the ~8th frame to 4.7x the first frame's, so long videos' needles were noisier than clips'."""
+    climb over the first dozen frames to 4.7x the first frame's, so long videos' needles were noisier than
+    clips'."""
     spec = VideoSpec(48, 1.0, 0, tuple(Needle("blue", "cross", g * 4) for g in range(12)))
     path = write_video(spec, tmp_path / "v.mp4")
     frames = np.concatenate(list(iter_frame_batches(path, list(range(48))))).astype(int)

@@ -25,8 +25,8 @@ PALETTE = np.array(
 
 
 # A fixed quantiser of 2 (ffmpeg's `-qscale:v 2`, in lambda units). A bare "qscale" option is not an encoder
-# option and is dropped: the default rate control then lets the quality sink from the ~8th frame on, so a
-# shape's pixels in a long video decoded about 4x worse than in a 4-frame clip.
+# option and is dropped: the default rate control then lets the quality sink over the first dozen frames, so
+# a shape's pixels in a long video decoded about 4x worse than in a 4-frame clip.
 MPEG4_QSCALE_2 = {"flags": "+qscale", "global_quality": str(2 * 118)}
 
 
