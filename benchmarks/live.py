@@ -84,6 +84,7 @@ def produce(spec_json: str) -> int:
     import av
 
     from videoxl2.data.synthetic import Needle, VideoSpec, render_frame
+    from videoxl2.video.synthetic import MPEG4_QSCALE_2
 
     values = json.loads(spec_json)
     spec = VideoSpec(
@@ -95,7 +96,7 @@ def produce(spec_json: str) -> int:
             stream = container.add_stream("mpeg4", rate=WRITE_FPS)
             stream.height, stream.width = spec.size
             stream.pix_fmt = "yuv420p"
-            stream.options = {"qscale": "2", "g": str(WRITE_FPS)}
+            stream.options = {**MPEG4_QSCALE_2, "g": str(WRITE_FPS)}
             start, picture, shown = time.monotonic(), None, -1
             print(f"start {start!r}", file=sys.stderr, flush=True)  # frame i is written at start + i / 30
             for index in range(spec.num_frames * WRITE_FPS):
