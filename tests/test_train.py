@@ -397,6 +397,54 @@ def test_batch_rebalance_gives_the_random_batch_update_with_less_padding(tmp_pat
     assert error < 1e-5 and moved > 1e-2, f"max abs weight difference {error:.2e} (weights moved {moved:.2e})"
 
 
+def test_two_cpu_ranks_train_the_one_process_model(tmp_path, media):
+    """torchrun without GPUs joins its ranks (DDP over gloo): two 1-thread ranks of batch 2 give the losses
+    and weights of one process of batch 4. Left to the Trainer's defaults each rank trained its own copy."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from videoxl2.tiny import build_tiny_model
+
+    records = [
+        {
+            "id": f"r{i}",
+            "video": str(media / f"v{i % 3}.mp4"),
+            "conversations": qa(f"<image>\n{QUESTION}", ANSWERS[i % 3]),
+        }
+        for i in range(8)
+    ]
+    (tmp_path / "eight.json").write_text(json.dumps(records))
+    paths = {}
+    for name, batch in {"one": 4, "two": 2}.items():
+        path = write_config(tmp_path / name, media, max_steps=2, per_device_train_batch_size=batch)
+        raw = yaml.safe_load(path.read_text())
+        raw["data"]["datasets"] = [{"json_path": str(tmp_path / "eight.json"), "sampling_strategy": "all"}]
+        raw["training"]["output_dir"] = str(tmp_path / name / "out")
+        path.write_text(yaml.safe_dump(raw))
+        paths[name] = path
+    one = train(load_config(paths["one"]))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launch, "-m", "videoxl2.cli", "train", "--config", str(paths["two"])],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = re.findall(r"trained 2 steps in .*, loss ([0-9.]+) -> ([0-9.]+)", done.stdout)
+    assert len(reports) == 1, done.stdout[-2000:]  # rank 0 alone reports, for both ranks
+    assert [float(x) for x in reports[0]] == pytest.approx([one.losses[0], one.losses[-1]], abs=1e-4)
+    two = parameters(load_model(tmp_path / "two" / "out"))
+    weights = parameters(one.model)
+    error = max((weights[n] - two[n]).abs().max().item() for n in weights)
+    start = parameters(build_tiny_model(seed=0, init_std=None)[0])
+    moved = max((weights[n] - start[n]).abs().max().item() for n in weights)
+    assert error < 1e-5 and moved > 1e-3, f"max abs weight difference {error:.2e} (weights moved {moved:.2e})"
+
+
 def test_feature_cache_gives_the_same_training_and_skips_decoding(tmp_path, media, monkeypatch):
     """With vision and DTS frozen, stored features give the losses and weights of computing them each time;
     a second run on a warm store decodes no video at all."""

@@ -6,6 +6,7 @@ decides what the model is, which parts train, and that the output is a folder `l
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,10 @@ def training_arguments(config: TrainConfig, has_text_only: bool):
     if has_text_only and any(config.trainable[p] for p in ("vision", "dts", "projector")):
         # A text-only batch leaves the visual parts without gradients, which DDP refuses unless told.
         values.setdefault("ddp_find_unused_parameters", True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # Under torchrun without GPUs the Trainer joins the ranks (DDP, gloo) only when told it runs on CPU;
+        # otherwise every rank silently trains a copy of its own on all the data.
+        values.setdefault("use_cpu", True)
     try:
         return TrainingArguments(**values)
     except ImportError as err:  # e.g. `deepspeed:` without the deepspeed package
