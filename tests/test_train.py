@@ -397,9 +397,11 @@ def test_batch_rebalance_gives_the_random_batch_update_with_less_padding(tmp_pat
     assert error < 1e-5 and moved > 1e-2, f"max abs weight difference {error:.2e} (weights moved {moved:.2e})"
 
 
-def test_two_cpu_ranks_train_the_one_process_model(tmp_path, media):
-    """torchrun without GPUs joins its ranks (DDP over gloo): two 1-thread ranks of batch 2 give the losses
-    and weights of one process of batch 4. Left to the Trainer's defaults each rank trained its own copy."""
+@pytest.mark.parametrize("strategy", [None, "batch_rebalance"])
+def test_two_cpu_ranks_train_the_one_process_model(tmp_path, media, strategy):
+    """torchrun without GPUs joins its ranks (DDP over gloo): two 1-thread ranks of 2 samples a step give the
+    losses and weights of one process of 4 (with `batch_rebalance`, of 2 micro-batches of 2). Left to the
+    Trainer's defaults each rank trained its own copy."""
     import os
     import re
     import subprocess
@@ -417,8 +419,12 @@ def test_two_cpu_ranks_train_the_one_process_model(tmp_path, media):
     ]
     (tmp_path / "eight.json").write_text(json.dumps(records))
     paths = {}
-    for name, batch in {"one": 4, "two": 2}.items():
-        path = write_config(tmp_path / name, media, max_steps=2, per_device_train_batch_size=batch)
+    one_process = {"per_device_train_batch_size": 4}
+    if strategy:
+        one_process = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    sampling = {"train_sampling_strategy": strategy} if strategy else {}
+    for name, batches in {"one": one_process, "two": {"per_device_train_batch_size": 2}}.items():
+        path = write_config(tmp_path / name, media, max_steps=2, **batches, **sampling)
         raw = yaml.safe_load(path.read_text())
         raw["data"]["datasets"] = [{"json_path": str(tmp_path / "eight.json"), "sampling_strategy": "all"}]
         raw["training"]["output_dir"] = str(tmp_path / name / "out")
