@@ -87,6 +87,30 @@ def test_needle_loss_trains_the_llm_and_projector_only(pool):
     model.zero_grad(set_to_none=True)
 
 
+def test_ranks_pre_fill_their_share_of_the_same_pool(pool):
+    """Under torchrun rank r pre-fills haystacks r, r + world, ...: the very videos and memory one process
+    makes of them (draws keyed by haystack, not by the order they are made in)."""
+    from videoxl2.tiny import build_tiny_model
+
+    model, tokenizer = build_tiny_model(seed=0)
+    second = HaystackPool(model, tokenizer, pool.settings, progress=False, rank=1, world=2)
+    (own,), whole = second.haystacks, pool.haystacks[1]
+    assert own.spec == whole.spec and np.array_equal(own.frames, whole.frames)
+    error = max((a - b).abs().max().item() for a, b in zip(own.memory.keys, whole.memory.keys))
+    assert error == 0.0, f"rank 1's haystack memory differs by {error:.2e}"
+    with pytest.raises(ConfigError, match="haystacks.count: 2 haystacks for 3 ranks"):
+        HaystackPool(model, tokenizer, pool.settings, progress=False, rank=0, world=3)
+
+
+def test_needle_draws_are_keyed_by_step_and_part(pool):
+    """The same (step, part) gives the same needles, another step new ones: a resumed run goes on drawing
+    instead of repeating its first needles."""
+    with torch.no_grad():
+        again = [float(pool.loss(1, step=5, part=1)) for _ in range(2)]
+        other = float(pool.loss(1, step=6, part=1))
+    assert again[0] == again[1] and other != again[0], (again, other)
+
+
 def test_needles_are_split_over_micro_batches():
     assert [split_evenly(5, 2, i) for i in range(4)] == [3, 2, 3, 2]
     assert sum(split_evenly(7, 3, i) for i in range(3)) == 7
@@ -161,3 +185,53 @@ def test_haystacks_need_a_frozen_vision_side(tmp_path, media):  # noqa: F811
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="haystacks .* trainable.vision and trainable.dts to false"):
         load_config(path)
+
+
+def test_two_cpu_ranks_share_the_needle_gradients(tmp_path, media):  # noqa: F811
+    """Under torchrun each rank draws its own needles from its own haystacks (the pool split between them);
+    their gradients must reach the step on both ranks: the ranks end with the same weights, and those differ
+    from the weights of the same run with the needle loss weighted 0."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "from videoxl2.train import load_config, train\n"
+        "result = train(load_config(sys.argv[1]))\n"
+        "needle = [e['needle_loss'] for e in result.log_history if 'needle_loss' in e]\n"
+        "weights = {n: p.detach().clone() for n, p in result.model.named_parameters()}\n"
+        "torch.save((needle, weights), f'{sys.argv[2]}/rank{dist.get_rank()}.pt')\n"
+    )
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    frozen = {"vision": False, "dts": False, "projector": True, "llm": True}
+    runs = {}
+    for weight in (1.0, 0.0):
+        out = tmp_path / f"weight{weight}"
+        path = write_config(out, media, trainable=frozen, max_steps=2, logging_steps=1)
+        raw = yaml.safe_load(path.read_text())
+        raw["haystacks"] = {
+            "lengths": [64],
+            "count": 2,
+            "needles_per_step": 2,
+            "extra_dense": 1,
+            "weight": weight,
+        }
+        path.write_text(yaml.safe_dump(raw))
+        done = subprocess.run(
+            [*launch, str(script), str(path), str(out)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[weight] = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    (needle0, weights0), (needle1, weights1) = runs[1.0]
+    assert len(needle0) == 2 and needle0 != needle1, (needle0, needle1)  # the ranks drew different needles
+    error = max((weights0[n] - weights1[n]).abs().max().item() for n in weights0)
+    assert error < 1e-6, f"the ranks' weights differ by {error:.2e} after 2 steps"
+    unweighted = runs[0.0][0][1]
+    moved = max((weights0[n] - unweighted[n]).abs().max().item() for n in weights0)
+    assert moved > 1e-4, f"the needle loss moved no weight under torchrun (max difference {moved:.2e})"

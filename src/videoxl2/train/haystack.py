@@ -18,6 +18,12 @@ answer must come from the unit, not from that trace, and it is a new draw every 
 haystack predicts it. (Needle-free haystacks with the needle drawn anywhere give every position, not one
 per haystack, but read worse in the one comparison made; model card.) The loss is added to the Trainer's
 on every micro-batch (`train/trainer.py`), so short videos keep training alongside.
+
+Draws are keyed, not streamed: haystack i comes from (seed, i) and the j-th needle sample of part p of
+optimizer step s from (seed, s, p, j), a step's parts being its micro-batches on every rank. A resumed run
+goes on with new needles instead of repeating the first ones, and haystack i is the same video whatever
+the number of ranks. Under torchrun each rank pre-fills its share of the pool (haystacks rank, rank +
+world, ...) and draws its samples from it; their gradients join DDP's all-reduce with the Trainer's.
 """
 
 from __future__ import annotations
@@ -113,7 +119,15 @@ class Haystack:
 class HaystackPool:
     """The pre-filled haystacks and the needle loss over them (module notes)."""
 
-    def __init__(self, model, tokenizer, settings: HaystackSettings, progress: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings: HaystackSettings,
+        progress: bool = True,
+        rank: int = 0,
+        world: int = 1,
+    ):
         from ..engine.runner import LayerRunner
         from ..engine.settings import EngineSettings
 
@@ -122,11 +136,15 @@ class HaystackPool:
         self.settings = settings
         self.engine = EngineSettings.from_config(model.config, mode="bilevel")
         self.runner = LayerRunner(model)
-        self.rng = np.random.default_rng(settings.seed)
+        self.rank, self.world = rank, world
         closing = tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]
         self._closing = closing
         self._global_rows: dict[int, tuple] = {}
-        self._progress = progress
+        self._progress = progress and rank == 0
+        if world > settings.count:
+            raise ConfigError(
+                f"haystacks.count: {settings.count} haystacks for {world} ranks; each rank needs one at least"
+            )
         self.check_context()
         self._haystacks: list[Haystack] | None = None
 
@@ -157,10 +175,11 @@ class HaystackPool:
         from ..engine.session import VideoSession
         from ..video import read_video
 
-        rng, out = self.rng, []
-        lengths = self.settings.lengths
+        out, lengths = [], self.settings.lengths
+        own = range(self.rank, self.settings.count, self.world)
         with tempfile.TemporaryDirectory(prefix="videoxl2-haystacks-") as tmp, torch.no_grad():
-            for i in tqdm(range(self.settings.count), desc="haystacks", disable=not progress):
+            for i in tqdm(own, desc="haystacks", disable=not progress):
+                rng = np.random.default_rng([self.settings.seed, i])
                 frames_count = lengths[i % len(lengths)]
                 group = int(rng.integers(frames_count // 4))
                 needle = Needle(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), group * 4)
@@ -275,14 +294,14 @@ class HaystackPool:
         runner.forward(hidden, torch.arange(a, b), attend)
         return keys, values
 
-    def sample_loss(self) -> torch.Tensor:
-        """Cross-entropy of one needle sample's answer (module notes), differentiable in the LLM and the
-        projector."""
+    def sample_loss(self, rng: np.random.Generator) -> torch.Tensor:
+        """Cross-entropy of one needle sample's answer (module notes), drawn from `rng`, differentiable in
+        the LLM and the projector."""
         from ..data.synthetic import COLOURS, SHAPES, Needle, questions
         from ..engine.runner import attention
         from ..video.preprocess import preprocess_frames
 
-        rng, model, settings = self.rng, self.model, self.settings
+        model, settings = self.model, self.settings
         haystack = self.haystacks[int(rng.integers(len(self.haystacks)))]
         memory, spec = haystack.memory, haystack.spec
         group = spec.needles[0].start_frame // 4
@@ -323,9 +342,11 @@ class HaystackPool:
         logits = model.get_output_embeddings()(self.runner.llm.norm(hidden[asked.numel() - 1 : -1]))
         return F.cross_entropy(logits.float(), answer)
 
-    def loss(self, samples: int) -> torch.Tensor:
-        """Mean loss of `samples` needle samples."""
-        return sum(self.sample_loss() for _ in range(samples)) / samples
+    def loss(self, samples: int, step: int = 0, part: int = 0) -> torch.Tensor:
+        """Mean loss of the `samples` needle samples of part `part` of optimizer step `step` (notes above)."""
+        seed = self.settings.seed
+        draws = [np.random.default_rng([seed, step, part, j]) for j in range(samples)]
+        return sum(self.sample_loss(rng) for rng in draws) / samples
 
 
 def window_set(stored, earlier, own, seen: int, start: int, a: int, end: int) -> torch.Tensor:

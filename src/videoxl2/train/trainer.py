@@ -159,7 +159,7 @@ def part_trainer_class():
             self.feature_store = feature_store
             self.haystacks = haystacks  # train/haystack.py's pool: its needle loss joins every micro-batch's
             self.needle_losses: list[float] = []
-            self.micro_batches = 0
+            self.needle_step, self.micro_batches = -1, 0  # the step being drawn, its micro-batches so far
             super().__init__(*args, **kwargs)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
@@ -176,18 +176,23 @@ def part_trainer_class():
             return loss + self.needle_term(kwargs.get("num_items_in_batch"))
 
         def needle_term(self, num_items_in_batch):
-            """This micro-batch's share of the step's needle samples, weighted so that a step adds
-            `weight` x their mean loss to the Trainer's loss, however the Trainer scales for accumulation."""
+            """This micro-batch's share of the step's needle samples (a step's parts are its micro-batches
+            on every rank), weighted so that a step adds `weight` x their mean loss to the Trainer's loss,
+            however the Trainer scales for accumulation and DDP averages over ranks."""
             from .haystack import split_evenly
 
             settings, parts = self.haystacks.settings, self.current_gradient_accumulation_steps
-            count = split_evenly(settings.needles_per_step, parts, self.micro_batches)
+            step, world = self.state.global_step, self.args.world_size
+            if step != self.needle_step:
+                self.needle_step, self.micro_batches = step, 0
+            part = self.micro_batches * world + self.args.process_index
             self.micro_batches += 1
+            count = split_evenly(settings.needles_per_step, parts * world, part)
             if count == 0:
                 return 0.0
-            term = self.haystacks.loss(count)
+            term = self.haystacks.loss(count, step, part)
             self.needle_losses.append(float(term.detach()))
-            term = term * settings.weight * count / settings.needles_per_step
+            term = term * settings.weight * count * world / settings.needles_per_step
             # The Trainer divides the loss by the accumulation steps unless the model normalised it itself.
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                 self.compute_loss_func is not None
@@ -298,9 +303,9 @@ def train(config: TrainConfig, resume: bool | str | None = None) -> TrainResult:
     if config.haystacks is not None:
         from .haystack import HaystackPool
 
-        if args.world_size > 1:
-            raise ConfigError("haystacks: the needle loss runs in one process; launch without torchrun")
-        haystacks = HaystackPool(model, tokenizer, config.haystacks)
+        haystacks = HaystackPool(
+            model, tokenizer, config.haystacks, rank=args.process_index, world=args.world_size
+        )
     trainer = part_trainer_class()(
         part_rates=config.learning_rates,
         feature_store=store,
