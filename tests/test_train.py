@@ -237,6 +237,33 @@ def test_training_ids_are_the_inference_ids(tmp_path, media):
     assert dataset.tokenizer.decode(spans(torch.tensor(labels[len(second) :]))[0]) == "Two.<|im_end|>\n"
 
 
+def test_a_clip_keeps_its_source_videos_times(tmp_path, media):
+    """`clip_start` (seconds) moves every time text by that much: a clip cut from a longer video trains with
+    the times that video's session would write, so time answers must be read off the time text."""
+    from videoxl2.engine.session import VideoSession
+
+    record = {"id": "clip", "video": str(media / "v0.mp4"), "conversations": qa(f"<image>\n{QUESTION}", "x")}
+    records = [{**record, "clip_start": 96}]
+    (tmp_path / "clip.json").write_text(json.dumps(records))
+    config_path = write_config(tmp_path, media)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["data"]["datasets"] = [{"json_path": str(tmp_path / "clip.json")}]
+    config_path.write_text(yaml.safe_dump(raw))
+    dataset, model = dataset_for(config_path)
+    plain = VideoSession.from_path(model, dataset.tokenizer, media / "v0.mp4", 16, 4, None)
+    frames = np.concatenate(list(plain._frame_batches(64)))
+    moved = VideoSession.from_frames(model, dataset.tokenizer, frames, [t + 96 for t in plain.timestamps])
+    prompt = torch.cat([moved.layout.input_ids, moved.question_ids(QUESTION)])
+    assert torch.equal(dataset[0]["input_ids"][: len(prompt)], prompt)
+    assert "Time 97.0s:" in dataset.tokenizer.decode(prompt) and "Time 1.0s:" not in dataset.tokenizer.decode(
+        prompt
+    )
+
+    (tmp_path / "clip.json").write_text(json.dumps([{**record, "clip_start": -4}]))
+    with pytest.raises(InputError, match=r"clip\.json\[0\]: 'clip_start' must be a number of seconds >= 0"):
+        dataset_for(config_path)
+
+
 def test_independent_turns_train_each_question_as_if_asked_alone(tmp_path, media):
     """A conversation with independent turns gives, branch by branch, the logits of each question asked
     alone (the prompt `VideoSession` builds), in one forward with one encoding of the video."""

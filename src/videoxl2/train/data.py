@@ -94,6 +94,7 @@ class Sample:
     video: Path | None = None
     image: Path | None = None
     scale: float = 1.0  # the release's `scale`: multiplies timestamps (synthetic grounding data)
+    clip_start: float = 0.0  # seconds added to every timestamp: a clip keeps its source video's times
 
 
 def read_yaml(path: Path) -> dict:
@@ -211,7 +212,13 @@ def make_sample(record, where: str, json_folder: Path, settings: DataSettings) -
     if len(media) > 1:
         raise InputError(f"{where}: a sample has a video or an image, not both")
     turns = parse_turns(record.get("conversations"), where, bool(media))
-    return Sample(str(record.get("id", where)), where, turns, scale=float(record.get("scale", 1.0)), **media)
+    clip_start = record.get("clip_start", 0.0)
+    if not isinstance(clip_start, (int, float)) or isinstance(clip_start, bool) or not clip_start >= 0:
+        raise InputError(f"{where}: 'clip_start' must be a number of seconds >= 0, got {clip_start!r}")
+    scale = float(record.get("scale", 1.0))
+    return Sample(
+        str(record.get("id", where)), where, turns, scale=scale, clip_start=float(clip_start), **media
+    )
 
 
 def encode_sample(
@@ -314,7 +321,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return plan_sampling(info.num_frames, info.avg_fps, s.frames_upbound, s.video_fps, s.fps_upbound)
 
     def group_seconds(self, sample: Sample, plan) -> list[float]:
-        return [t * sample.scale for t in plan.timestamps[:: self.config.frames_per_group]]
+        return [
+            t * sample.scale + sample.clip_start for t in plan.timestamps[:: self.config.frames_per_group]
+        ]
 
     def frames(self, sample: Sample, plan=None) -> tuple[torch.Tensor | None, list[float] | None]:
         """Preprocessed frames and group start times; a still image is one frame at 0 s (padded to 4)."""
