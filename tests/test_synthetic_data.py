@@ -290,3 +290,41 @@ def test_option_matching_grid_drills_are_near_misses():
     assert 70 <= grids <= 130, grids
     with pytest.raises(InputError, match="grid must be in"):
         option_matching_records(4, seed=3, grid=1.5)
+
+
+def test_clip_start_moves_the_times_only(tmp_path):
+    """`clip_start_max`: the same videos and questions, the "when" answers moved by each video's clip_start
+    (what its time text will say in training); evaluation refuses such records rather than misjudge them."""
+    from types import SimpleNamespace
+
+    from videoxl2.eval.synthetic import load
+
+    plain = json.loads(make_dataset(tmp_path / "a", 6, 3, (8, 32), multi_turn=True).read_text())
+    clips = json.loads(
+        make_dataset(tmp_path / "b", 6, 3, (8, 32), multi_turn=True, clip_start_max=600).read_text()
+    )
+    assert all(
+        (tmp_path / "a" / r["video"]).read_bytes() == (tmp_path / "b" / r["video"]).read_bytes()
+        for r in plain
+    )
+    starts = [record.get("clip_start", 0.0) for record in clips]
+    assert len(set(starts)) > 1 and all(0 <= s <= 600 and s == int(s) for s in starts), starts
+    moved = 0
+    for before, after, start in zip(plain, clips, starts):
+        for old, new in zip(before["conversations"], after["conversations"]):
+            if (
+                old["from"] == "gpt"
+                and old["value"].endswith("s")
+                and old["value"][:-1].replace(".", "").isdigit()
+            ):
+                assert float(new["value"][:-1]) == float(old["value"][:-1]) + start, (old, new, start)
+                moved += 1
+            else:
+                assert new == old
+    assert moved >= 6
+
+    test = make_dataset(tmp_path / "c", 2, 3, (8, 16), split="test", clip_start_max=600)
+    with pytest.raises(InputError, match="clip_start is for training"):
+        load(test.parent, SimpleNamespace(annotations=None))
+    with pytest.raises(InputError, match="--clip-start-max must be whole seconds >= 0"):
+        make_dataset(tmp_path / "d", 1, clip_start_max=-1)

@@ -52,6 +52,13 @@ def add_arguments(parser) -> None:
         help="with --multi-turn: also ask when/how many/which first about the later needles "
         "(for training with independent_turns)",
     )
+    parser.add_argument(
+        "--clip-start-max",
+        type=int,
+        default=0,
+        help="give each video a clip_start of 0 to this many seconds: its time text and 'when' answers "
+        "start there, so times must be read, not counted (training data only)",
+    )
 
 
 def run(args) -> int:
@@ -72,6 +79,7 @@ def run(args) -> int:
         args.list_shapes,
         args.reading_first,
         args.every_needle,
+        args.clip_start_max,
     )
     print(f"wrote {args.videos} videos, {args.matching} matching drills and {path}")
     return 0

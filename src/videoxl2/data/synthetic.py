@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -77,9 +77,10 @@ class VideoSpec:
     seed: int = 0
     needles: tuple[Needle, ...] = ()
     size: tuple[int, int] = (64, 64)
+    start: float = 0.0  # the time of frame 0: a clip cut from a longer video keeps that video's times
 
     def seconds(self, frame: int) -> float:
-        return round(frame / self.fps, 1)
+        return round(self.start + frame / self.fps, 1)
 
     def needle_at(self, frame: int) -> Needle | None:
         return next((n for n in self.needles if n.start_frame <= frame < n.start_frame + n.num_frames), None)
@@ -300,6 +301,7 @@ def make_dataset(
     list_shapes: bool = False,
     reading_first: float = 0.0,
     every_needle: bool = False,
+    clip_start_max: int = 0,
 ) -> Path:
     """Write `num_videos` videos and `<split>.json` (LLaVA format) + `data.yaml`.
 
@@ -320,6 +322,9 @@ def make_dataset(
     off the video; the rest can copy it from an earlier turn. `every_needle` (multi-turn only) adds the
     `later_needle_questions` at random positions (same generator): meant for training with
     `independent_turns`, where a turn sees none of the others and each extra question costs a few tokens.
+    `clip_start_max` gives each video a `clip_start` of 0 to that many whole seconds (a generator of its own:
+    the videos and questions are the same as without, the "when" answers moved by it): its time text no
+    longer starts at 0, so the time must be read off it rather than counted (training data only).
     """
     if num_videos < 0 or matching < 0 or num_videos + matching < 1:
         raise InputError(f"nothing to write: --videos {num_videos}, --matching {matching}")
@@ -331,6 +336,8 @@ def make_dataset(
         raise InputError("--every-needle needs --multi-turn")
     if not 0.0 <= reading_first <= 1.0 or (reading_first and not multi_turn):
         raise InputError(f"--reading-first needs --multi-turn and a chance in [0, 1], got {reading_first}")
+    if not isinstance(clip_start_max, int) or clip_start_max < 0:
+        raise InputError(f"--clip-start-max must be whole seconds >= 0, got {clip_start_max!r}")
     low, high = frames_range
     if not GROUP <= low <= high:
         raise InputError(f"frames range must satisfy {GROUP} <= min <= max, got {low}..{high}")
@@ -341,6 +348,11 @@ def make_dataset(
     for index in range(num_videos):
         frames = int(rng.integers(low // GROUP, high // GROUP + 1)) * GROUP
         spec = random_spec(rng, frames, fps, repeat_colour=repeat_colour)
+        if clip_start_max:
+            spec = replace(
+                spec, start=float(np.random.default_rng([seed, index, 1]).integers(clip_start_max + 1))
+            )
+        clip = {"clip_start": spec.start} if spec.start else {}
         name = f"videos/{split}_{seed}_{index:05d}.mp4"
         write_video(spec, out / name)
         asked = questions(spec, rng)
@@ -369,6 +381,7 @@ def make_dataset(
                     "id": f"{split}_{seed}_{index:05d}",
                     "video": name,
                     "family": "multi",
+                    **clip,
                     "conversations": turns,
                     "needles": [asdict(n) for n in spec.needles],
                 }
@@ -380,6 +393,7 @@ def make_dataset(
                     "id": f"{split}_{seed}_{index:05d}_{number}",
                     "video": name,
                     "family": q.family,
+                    **clip,
                     "conversations": [
                         {"from": "human", "value": f"<image>\n{q.question}"},
                         {"from": "gpt", "value": q.answer},

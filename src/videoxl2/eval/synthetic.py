@@ -35,6 +35,10 @@ def load(root, options) -> list[Sample]:
     for index, record in enumerate(records):
         if not record.get("video"):
             problems.append(f"record {index}: missing video")
+        elif record.get("clip_start"):
+            problems.append(
+                f"record {index}: clip_start is for training (evaluation reads times from the file)"
+            )
         elif first_turn(record) is None:
             problems.append(
                 f"record {index}: conversations must start with a human question and a gpt answer"
