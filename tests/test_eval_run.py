@@ -199,6 +199,59 @@ def test_benchmark_end_to_end(bench, tmp_path, clips, tiny_checkpoint, capsys):
         assert set(results["metrics"]) >= {"mIoU", "R@0.3", "R@0.5", "R@0.7"}
 
 
+def test_synthetic_clip_start_tells_the_clip_its_source_times(tmp_path, clips, tiny_checkpoint):
+    """A record's `clip_start` starts the video's time text there: the answer equals a session given the
+    moved timestamps directly, and the same video at another start is pre-filled again, not reused."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from videoxl2 import load_model, load_tokenizer
+    from videoxl2.engine.session import VideoSession
+    from videoxl2.errors import InputError
+    from videoxl2.eval.synthetic import load
+    from videoxl2.video import read_video
+
+    place(clips[0], tmp_path / "data" / "videos" / "clip.mp4")
+    ask = [
+        {"from": "human", "value": "<image>\nWhen did the red circle appear?"},
+        {"from": "gpt", "value": "0.0s"},
+    ]
+    starts = [0, 3000, 3000, 0.5]
+    records = [
+        dict(id=f"c{i}", video="videos/clip.mp4", clip_start=s, conversations=ask)
+        for i, s in enumerate(starts)
+    ]
+    write_json(tmp_path / "data" / "synthetic.json", records)
+    assert run_cli("synthetic", tmp_path / "data", tmp_path / "out", tiny_checkpoint) == 0
+    got = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "samples.jsonl").read_text().splitlines())}
+    assert [got[f"c{i}"]["video_reused"] for i in range(4)] == [False, False, True, False]
+
+    model, tokenizer = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    plan, batches = read_video(clips[0], max_num_frames=8, sample_fps=1.0, max_sample_fps=4.0)
+    frames = np.concatenate(list(batches))
+    for i, start in enumerate(starts):
+        moved = [t + start for t in plan.timestamps]
+        session = VideoSession.from_frames(model, tokenizer, frames, moved, progress=False)
+        with torch.inference_mode():
+            answer = session.ask("When did the red circle appear?", generation_config={"max_new_tokens": 3})
+        record = got[f"c{i}"]
+        assert record["stats"]["video_tokens"] == session.layout.length, (start, record["stats"])
+        assert record["prediction"] == answer.text, (start, record["prediction"], answer.text)
+    assert got["c1"]["stats"]["video_tokens"] > got["c0"]["stats"]["video_tokens"]  # "3000.0" is longer text
+
+    write_json(
+        tmp_path / "bad" / "synthetic.json",
+        [{**records[0], "clip_start": -4}, {**records[1], "clip_start": "1"}],
+    )
+    with pytest.raises(
+        InputError,
+        match=r"(?s)2 unusable records:.*record 0: 'clip_start' must be a number of .* >= 0, got -4.*'1'",
+    ):
+        load(tmp_path / "bad", SimpleNamespace(annotations=None))
+
+
 def test_resume_continues_and_matches_a_fresh_run(tmp_path, clips, tiny_checkpoint):
     root = synthetic_data(tmp_path / "data", clips)
     out = tmp_path / "out"

@@ -294,7 +294,7 @@ def test_option_matching_grid_drills_are_near_misses():
 
 def test_clip_start_moves_the_times_only(tmp_path):
     """`clip_start_max`: the same videos and questions, the "when" answers moved by each video's clip_start
-    (what its time text will say in training); evaluation refuses such records rather than misjudge them."""
+    (what its time text will say in training and in evaluation, which tells each clip its start)."""
     from types import SimpleNamespace
 
     from videoxl2.eval.synthetic import load
@@ -324,7 +324,9 @@ def test_clip_start_moves_the_times_only(tmp_path):
     assert moved >= 6
 
     test = make_dataset(tmp_path / "c", 2, 3, (8, 16), split="test", clip_start_max=600)
-    with pytest.raises(InputError, match="clip_start is for training"):
-        load(test.parent, SimpleNamespace(annotations=None))
+    written = json.loads(test.read_text())
+    samples = load(test.parent, SimpleNamespace(annotations=None))
+    assert [s.clip_start for s in samples] == [r.get("clip_start", 0.0) for r in written]
+    assert any(s.clip_start for s in samples)
     with pytest.raises(InputError, match="--clip-start-max must be whole seconds >= 0"):
         make_dataset(tmp_path / "d", 1, clip_start_max=-1)

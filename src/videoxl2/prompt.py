@@ -72,6 +72,14 @@ def time_text(seconds: float) -> str:
     return f"Time {round(float(seconds), 1)}s:"
 
 
+def check_clip_start(value, where: str) -> float:
+    """A clip's `clip_start`: the seconds its time text starts at, so a clip cut from a longer video keeps
+    its source's times (training records, evaluation records and `VideoSession.from_path` share it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InputError(f"{where}: 'clip_start' must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
 def normalize_history(history: Sequence | None) -> list[tuple[str, str]]:
     """Accept [(question, answer), ...] or OpenAI-style [{"role": ..., "content": ...}, ...]."""
     if not history:

@@ -57,7 +57,7 @@ def add_arguments(parser) -> None:
         type=int,
         default=0,
         help="give each video a clip_start of 0 to this many seconds: its time text and 'when' answers "
-        "start there, so times must be read, not counted (training data only)",
+        "start there, so times must be read, not counted (a test split measures that reading)",
     )
 
 

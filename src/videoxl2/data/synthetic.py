@@ -324,7 +324,7 @@ def make_dataset(
     `independent_turns`, where a turn sees none of the others and each extra question costs a few tokens.
     `clip_start_max` gives each video a `clip_start` of 0 to that many whole seconds (a generator of its own:
     the videos and questions are the same as without, the "when" answers moved by it): its time text no
-    longer starts at 0, so the time must be read off it rather than counted (training data only).
+    longer starts at 0, so the time must be read off it rather than counted (`eval synthetic` honours it).
     """
     if num_videos < 0 or matching < 0 or num_videos + matching < 1:
         raise InputError(f"nothing to write: --videos {num_videos}, --matching {matching}")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import Cancelled, InputError, MediaNotFoundError
 from ..generation import GenerationSettings, decode_answer
-from ..prompt import IMAGE_MARKER, TokenLayout, build_prompt, video_layout
+from ..prompt import IMAGE_MARKER, TokenLayout, build_prompt, check_clip_start, video_layout
 from ..video import (
     expand_to_square,
     iter_frame_batches,
@@ -159,6 +159,7 @@ class VideoSession:
         decode_threads: int | None = None,
         decode_workers: int = 1,
         memory_budget: int | None = None,
+        clip_start: float = 0.0,
     ) -> VideoSession:
         """A video file (sampled as the release does) or an image file (4 identical frames).
 
@@ -167,10 +168,13 @@ class VideoSession:
         evaluation did; `videoxl2 eval --protocol release` asks for it). An image is never cut.
         `decode_threads`: FFmpeg decoding threads (None: FFmpeg's choice); `decode_workers`: processes
         decoding keyframe-delimited stretches in parallel (1: in this process); the frames are the same.
+        `clip_start`: seconds added to every timestamp, so a clip cut from a longer video is told its
+        source's times (as training's `clip_start` does); an image has no time and ignores it.
         """
         path = Path(path)
         if not path.is_file():
             raise MediaNotFoundError(f"{path}: no such file")
+        clip_start = check_clip_start(clip_start, str(path))
         if path.suffix.lower() in IMAGE_SUFFIXES:
             image = expand_to_square(load_image(path))
             return cls(
@@ -184,9 +188,8 @@ class VideoSession:
         batches = lambda size: iter_frame_batches(  # noqa: E731
             path, plan.indices, size, threads=decode_threads, workers=decode_workers, stats=read_stats
         )
-        session = cls(
-            model, tokenizer, batches, plan.timestamps, settings, str(path), progress, memory_budget
-        )
+        timestamps = [t + clip_start for t in plan.timestamps]
+        session = cls(model, tokenizer, batches, timestamps, settings, str(path), progress, memory_budget)
         session.read_stats = read_stats
         session.stats["sampled_indices"] = list(plan.indices)
         session.stats["video_fps"] = info.avg_fps

@@ -27,6 +27,7 @@ class Sample:
     categories: dict = field(default_factory=dict)  # category name -> value (or list of values)
     choices: tuple[str, ...] = ()  # option letters of a multiple-choice question
     subtitles: Path | None = None
+    clip_start: float = 0.0  # seconds the video's times start at (a clip keeps its source's times)
 
 
 def listing(items: Sequence) -> str:

@@ -290,7 +290,7 @@ def answer_all(pending, bench, options, settings, config, world, path: Path) -> 
     running = Running(bench.running)
     writer = ShardWriter(path)
     try:
-        for video, group in group_by_video(pending):
+        for (video, clip_start), group in group_by_video(pending):
             session, first = None, True
             for sample in group:
                 record = {"id": sample.id, "video": str(video)}
@@ -302,6 +302,7 @@ def answer_all(pending, bench, options, settings, config, world, path: Path) -> 
                             model, tokenizer, video, config["max_frames"], config["fps"], config["max_fps"],
                             settings=engine, progress=False, remainder=config["remainder"],
                             decode_threads=settings.decode_threads, decode_workers=settings.decode_workers,
+                            clip_start=clip_start,
                         )  # fmt: skip
                     asked = prepare_question(question, config["time_rule"])
                     with torch.inference_mode():
@@ -321,10 +322,11 @@ def answer_all(pending, bench, options, settings, config, world, path: Path) -> 
         bar.close()
 
 
-def group_by_video(samples: Iterable[Sample]) -> list[tuple[Path, list[Sample]]]:
-    groups: dict[Path, list[Sample]] = {}
+def group_by_video(samples: Iterable[Sample]) -> list[tuple[tuple[Path, float], list[Sample]]]:
+    """Questions that can share one pre-fill: the same video told the same times."""
+    groups: dict[tuple[Path, float], list[Sample]] = {}
     for sample in samples:
-        groups.setdefault(sample.video, []).append(sample)
+        groups.setdefault((sample.video, sample.clip_start), []).append(sample)
     return list(groups.items())
 
 

@@ -1,7 +1,10 @@
 """The synthetic suite: any LLaVA-style JSON (what `videoxl2.data` writes for the demo model, and what the
 training data uses): a list of {video, conversations: [{from: human, value: question}, {from: gpt,
-value: answer}], optional id and family}. The first question/answer pair is asked; the answer counts when it
-equals the reference after normalisation (case, spacing, outer punctuation); scores are given per family.
+value: answer}], optional id, family and clip_start}. The first question/answer pair is asked; the answer
+counts when it equals the reference after normalisation (case, spacing, outer punctuation); scores are given
+per family. A record's `clip_start` (seconds) starts the video's time text there, as in training: with clips
+whose "when" answers moved with it (`make-data --clip-start-max`), the "when" score says whether the model
+reads its time text or counts groups from the start.
 
 Layout: --data-root holds the JSON (or pass --annotations); video paths are relative to the JSON's folder.
 """
@@ -9,7 +12,7 @@ Layout: --data-root holds the JSON (or pass --annotations); video paths are rela
 from __future__ import annotations
 
 from ..errors import InputError
-from ..prompt import IMAGE_MARKER
+from ..prompt import IMAGE_MARKER, check_clip_start
 from .data import Sample, check_root, find_file, listing, locate_videos, read_records
 from .scoring import accuracy_table, normalize_text
 
@@ -35,14 +38,14 @@ def load(root, options) -> list[Sample]:
     for index, record in enumerate(records):
         if not record.get("video"):
             problems.append(f"record {index}: missing video")
-        elif record.get("clip_start"):
-            problems.append(
-                f"record {index}: clip_start is for training (evaluation reads times from the file)"
-            )
         elif first_turn(record) is None:
             problems.append(
                 f"record {index}: conversations must start with a human question and a gpt answer"
             )
+        try:
+            check_clip_start(record.get("clip_start", 0.0), f"record {index}")
+        except InputError as err:
+            problems.append(str(err))
     if problems:
         raise InputError(f"{path}: {len(problems)} unusable records:{listing(problems)}")
     folders = [path.parent, root]
@@ -57,6 +60,7 @@ def load(root, options) -> list[Sample]:
                 question=question,
                 answer=answer,
                 categories={"family": record.get("family", "all")},
+                clip_start=float(record.get("clip_start", 0.0)),
             )
         )
     return samples

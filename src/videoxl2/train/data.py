@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError, MediaNotFoundError
-from ..prompt import IMAGE_MARKER, build_layout, build_prompt
+from ..prompt import IMAGE_MARKER, build_layout, build_prompt, check_clip_start
 from ..video import (
     expand_to_square,
     iter_frame_batches,
@@ -212,13 +212,9 @@ def make_sample(record, where: str, json_folder: Path, settings: DataSettings) -
     if len(media) > 1:
         raise InputError(f"{where}: a sample has a video or an image, not both")
     turns = parse_turns(record.get("conversations"), where, bool(media))
-    clip_start = record.get("clip_start", 0.0)
-    if not isinstance(clip_start, (int, float)) or isinstance(clip_start, bool) or not clip_start >= 0:
-        raise InputError(f"{where}: 'clip_start' must be a number of seconds >= 0, got {clip_start!r}")
+    clip_start = check_clip_start(record.get("clip_start", 0.0), where)
     scale = float(record.get("scale", 1.0))
-    return Sample(
-        str(record.get("id", where)), where, turns, scale=scale, clip_start=float(clip_start), **media
-    )
+    return Sample(str(record.get("id", where)), where, turns, scale=scale, clip_start=clip_start, **media)
 
 
 def encode_sample(
