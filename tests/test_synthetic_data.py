@@ -308,7 +308,7 @@ def test_clip_start_moves_the_times_only(tmp_path):
         for r in plain
     )
     starts = [record.get("clip_start", 0.0) for record in clips]
-    assert len(set(starts)) > 1 and all(0 <= s <= 600 and s == int(s) for s in starts), starts
+    assert len(set(starts)) > 1 and all(1 <= s <= 600 and s == int(s) for s in starts), starts
     moved = 0
     for before, after, start in zip(plain, clips, starts):
         for old, new in zip(before["conversations"], after["conversations"]):
@@ -330,3 +330,20 @@ def test_clip_start_moves_the_times_only(tmp_path):
     assert any(s.clip_start for s in samples)
     with pytest.raises(InputError, match="--clip-start-max must be whole seconds >= 0"):
         make_dataset(tmp_path / "d", 1, clip_start_max=-1)
+    with pytest.raises(InputError, match=r"--clip-start-share must be a share in \[0, 1\], got 1.5"):
+        make_dataset(tmp_path / "d", 1, clip_start_max=600, clip_start_share=1.5)
+
+
+def test_clip_start_share_keeps_the_others_at_zero(tmp_path):
+    """`clip_start_share`: that share of videos moved, each with the start it has at share 1, the others at
+    0 and identical to a dataset without clips."""
+    kwargs = dict(num_videos=24, seed=5, frames_range=(4, 4), clip_start_max=3600)
+    every = json.loads(make_dataset(tmp_path / "all", **kwargs).read_text())
+    part = json.loads(make_dataset(tmp_path / "part", clip_start_share=0.5, **kwargs).read_text())
+    none = json.loads(make_dataset(tmp_path / "none", clip_start_share=0.0, **kwargs).read_text())
+    plain = json.loads(make_dataset(tmp_path / "plain", 24, 5, (4, 4)).read_text())
+    assert none == plain
+    moved = {r["video"] for r in part if "clip_start" in r}
+    assert 6 <= len(moved) <= 18, len(moved)
+    for record, at_one, at_zero in zip(part, every, plain, strict=True):
+        assert record == (at_one if "clip_start" in record else at_zero)

@@ -56,8 +56,14 @@ def add_arguments(parser) -> None:
         "--clip-start-max",
         type=int,
         default=0,
-        help="give each video a clip_start of 0 to this many seconds: its time text and 'when' answers "
+        help="give videos a clip_start of 1 to this many seconds: its time text and 'when' answers "
         "start there, so times must be read, not counted (a test split measures that reading)",
+    )
+    parser.add_argument(
+        "--clip-start-share",
+        type=float,
+        default=1.0,
+        help="with --clip-start-max: the share of videos (0-1) given a clip_start; the rest start at 0",
     )
 
 
@@ -80,6 +86,7 @@ def run(args) -> int:
         args.reading_first,
         args.every_needle,
         args.clip_start_max,
+        args.clip_start_share,
     )
     print(f"wrote {args.videos} videos, {args.matching} matching drills and {path}")
     return 0

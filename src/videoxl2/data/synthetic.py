@@ -302,6 +302,7 @@ def make_dataset(
     reading_first: float = 0.0,
     every_needle: bool = False,
     clip_start_max: int = 0,
+    clip_start_share: float = 1.0,
 ) -> Path:
     """Write `num_videos` videos and `<split>.json` (LLaVA format) + `data.yaml`.
 
@@ -322,9 +323,10 @@ def make_dataset(
     off the video; the rest can copy it from an earlier turn. `every_needle` (multi-turn only) adds the
     `later_needle_questions` at random positions (same generator): meant for training with
     `independent_turns`, where a turn sees none of the others and each extra question costs a few tokens.
-    `clip_start_max` gives each video a `clip_start` of 0 to that many whole seconds (a generator of its own:
-    the videos and questions are the same as without, the "when" answers moved by it): its time text no
-    longer starts at 0, so the time must be read off it rather than counted (`eval synthetic` honours it).
+    `clip_start_max` gives `clip_start_share` of the videos a `clip_start` of 1 to that many whole seconds
+    (a generator of its own: the videos and questions are the same as without, the "when" answers moved by
+    it): its time text no longer starts at 0, so the time must be read off it rather than counted (`eval
+    synthetic` honours it). The others start at 0, as most videos a user asks about do.
     """
     if num_videos < 0 or matching < 0 or num_videos + matching < 1:
         raise InputError(f"nothing to write: --videos {num_videos}, --matching {matching}")
@@ -338,6 +340,8 @@ def make_dataset(
         raise InputError(f"--reading-first needs --multi-turn and a chance in [0, 1], got {reading_first}")
     if not isinstance(clip_start_max, int) or clip_start_max < 0:
         raise InputError(f"--clip-start-max must be whole seconds >= 0, got {clip_start_max!r}")
+    if not 0.0 <= clip_start_share <= 1.0:
+        raise InputError(f"--clip-start-share must be a share in [0, 1], got {clip_start_share}")
     low, high = frames_range
     if not GROUP <= low <= high:
         raise InputError(f"frames range must satisfy {GROUP} <= min <= max, got {low}..{high}")
@@ -348,10 +352,9 @@ def make_dataset(
     for index in range(num_videos):
         frames = int(rng.integers(low // GROUP, high // GROUP + 1)) * GROUP
         spec = random_spec(rng, frames, fps, repeat_colour=repeat_colour)
-        if clip_start_max:
-            spec = replace(
-                spec, start=float(np.random.default_rng([seed, index, 1]).integers(clip_start_max + 1))
-            )
+        clip_draw = np.random.default_rng([seed, index, 1])
+        if clip_start_max and clip_draw.random() < clip_start_share:
+            spec = replace(spec, start=float(clip_draw.integers(1, clip_start_max + 1)))
         clip = {"clip_start": spec.start} if spec.start else {}
         name = f"videos/{split}_{seed}_{index:05d}.mp4"
         write_video(spec, out / name)
