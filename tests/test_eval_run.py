@@ -247,7 +247,7 @@ def test_synthetic_clip_start_tells_the_clip_its_source_times(tmp_path, clips, t
     )
     with pytest.raises(
         InputError,
-        match=r"(?s)2 unusable records:.*record 0: 'clip_start' must be a number of .* >= 0, got -4.*'1'",
+        match=r"(?s)2 unusable records:.*record 0: 'clip_start' must be a finite .* >= 0, got -4.*'1'",
     ):
         load(tmp_path / "bad", SimpleNamespace(annotations=None))
 

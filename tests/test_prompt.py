@@ -131,3 +131,15 @@ def test_tiny_tokenizer_keeps_seconds_and_names_whole(tokenizer):
     assert pieces("(B) magenta triangle") == ["(", "B", ")", " magenta", " triangle"]
     text = "Time 1234.5s: (A) cyan cross\n<|im_end|>"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+@pytest.mark.parametrize("value", [-4, float("nan"), float("inf"), "12", True, None])
+def test_clip_start_must_be_finite_seconds(value):
+    """One check for training records, evaluation records and sessions: a bad start never reaches the text."""
+    from videoxl2.prompt import check_clip_start
+
+    assert check_clip_start(96, "clip.json[0]") == 96.0 and check_clip_start(0.5, "x") == 0.5
+    with pytest.raises(
+        InputError, match=r"clip\.json\[0\]: 'clip_start' must be a finite number of seconds >= 0"
+    ):
+        check_clip_start(value, "clip.json[0]")

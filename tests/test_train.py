@@ -260,7 +260,9 @@ def test_a_clip_keeps_its_source_videos_times(tmp_path, media):
     )
 
     (tmp_path / "clip.json").write_text(json.dumps([{**record, "clip_start": -4}]))
-    with pytest.raises(InputError, match=r"clip\.json\[0\]: 'clip_start' must be a number of seconds >= 0"):
+    with pytest.raises(
+        InputError, match=r"clip\.json\[0\]: 'clip_start' must be a finite number of seconds >= 0"
+    ):
         dataset_for(config_path)
 
 

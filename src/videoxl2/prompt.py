@@ -8,6 +8,7 @@ because the chunked pre-fill and the bi-level cache work on those spans.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,8 +76,8 @@ def time_text(seconds: float) -> str:
 def check_clip_start(value, where: str) -> float:
     """A clip's `clip_start`: the seconds its time text starts at, so a clip cut from a longer video keeps
     its source's times (training records, evaluation records and `VideoSession.from_path` share it)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise InputError(f"{where}: 'clip_start' must be a number of seconds >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise InputError(f"{where}: 'clip_start' must be a finite number of seconds >= 0, got {value!r}")
     return float(value)
 
 
