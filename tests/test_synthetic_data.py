@@ -162,6 +162,34 @@ def test_choice_repeats_reshuffle_the_options_and_change_nothing_else(tmp_path):
         make_dataset(tmp_path / "c", 1, choice_repeats=2)
 
 
+def test_when_repeats_follow_each_when_turn_with_copies_and_change_nothing_else(tmp_path):
+    def dataset(name, repeats):
+        path = make_dataset(
+            tmp_path / name, 4, 7, (8, 40), multi_turn=True, every_needle=True, when_repeats=repeats
+        )
+        return json.loads(path.read_text())
+
+    def pairs(record):
+        turns = record["conversations"]
+        return [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in zip(turns[::2], turns[1::2])]
+
+    repeated = 0
+    for before, after in zip(dataset("a", 0), dataset("b", 2), strict=True):
+        assert before["needles"] == after["needles"]
+        videos = (tmp_path / "a" / before["video"], tmp_path / "b" / after["video"])
+        assert videos[0].read_bytes() == videos[1].read_bytes()
+        assert after["conversations"][0]["value"].startswith("<image>\n")
+        assert sum(turn["value"].startswith("<image>") for turn in after["conversations"]) == 1
+        old, new, expected = pairs(before), pairs(after), []
+        for pair in old:
+            expected += [pair] * (3 if pair[0].startswith("When did") else 1)
+        assert new == expected
+        repeated += sum(question.startswith("When did") for question, _ in old)
+    assert repeated > 4
+    with pytest.raises(InputError, match="--when-repeats needs --multi-turn"):
+        make_dataset(tmp_path / "c", 1, when_repeats=1)
+
+
 def test_list_shapes_asks_for_every_needle_in_order_and_changes_nothing_else(tmp_path):
     def dataset(name, listed):
         path = make_dataset(tmp_path / name, 4, 5, (8, 32), multi_turn=True, list_shapes=listed)

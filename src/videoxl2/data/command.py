@@ -65,6 +65,12 @@ def add_arguments(parser) -> None:
         default=1.0,
         help="with --clip-start-max: the share of videos (0-1) given a clip_start; the rest start at 0",
     )
+    parser.add_argument(
+        "--when-repeats",
+        type=int,
+        default=0,
+        help="with --multi-turn: follow each 'when' turn with this many copies (more of its loss)",
+    )
 
 
 def run(args) -> int:
@@ -87,6 +93,7 @@ def run(args) -> int:
         args.every_needle,
         args.clip_start_max,
         args.clip_start_share,
+        args.when_repeats,
     )
     print(f"wrote {args.videos} videos, {args.matching} matching drills and {path}")
     return 0

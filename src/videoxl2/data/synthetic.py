@@ -303,6 +303,7 @@ def make_dataset(
     every_needle: bool = False,
     clip_start_max: int = 0,
     clip_start_share: float = 1.0,
+    when_repeats: int = 0,
 ) -> Path:
     """Write `num_videos` videos and `<split>.json` (LLaVA format) + `data.yaml`.
 
@@ -326,7 +327,10 @@ def make_dataset(
     `clip_start_max` gives `clip_start_share` of the videos a `clip_start` of 1 to that many whole seconds
     (a generator of its own: the videos and questions are the same as without, the "when" answers moved by
     it): its time text no longer starts at 0, so the time must be read off it rather than counted (`eval
-    synthetic` honours it). The others start at 0, as most videos a user asks about do.
+    synthetic` honours it). The others start at 0, as most videos a user asks about do. `when_repeats`
+    (multi-turn only) follows each "when" turn with that many copies of itself: under `independent_turns`
+    a copy adds that answer's loss once more for a few tokens, the cheapest way to weigh the family that
+    lags (no draws: the rest is the same as without).
     """
     if num_videos < 0 or matching < 0 or num_videos + matching < 1:
         raise InputError(f"nothing to write: --videos {num_videos}, --matching {matching}")
@@ -336,6 +340,8 @@ def make_dataset(
         raise InputError("--list-shapes needs --multi-turn")
     if every_needle and not multi_turn:
         raise InputError("--every-needle needs --multi-turn")
+    if when_repeats < 0 or (when_repeats and not multi_turn):
+        raise InputError(f"--when-repeats needs --multi-turn and a count >= 0, got {when_repeats}")
     if not 0.0 <= reading_first <= 1.0 or (reading_first and not multi_turn):
         raise InputError(f"--reading-first needs --multi-turn and a chance in [0, 1], got {reading_first}")
     if not isinstance(clip_start_max, int) or clip_start_max < 0:
@@ -375,6 +381,7 @@ def make_dataset(
             if every_needle:
                 for question in later_needle_questions(spec, extra):
                     ordered.insert(int(extra.integers(len(ordered) + 1)), question)
+            ordered = [r for q in ordered for r in [q] * (1 + when_repeats * (q.family == "when"))]
             turns = []
             for position, q in enumerate(ordered):
                 prefix = "<image>\n" if position == 0 else ""
