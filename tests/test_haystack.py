@@ -190,7 +190,7 @@ def test_haystacks_need_a_frozen_vision_side(tmp_path, media):  # noqa: F811
 def test_two_cpu_ranks_share_the_needle_gradients(tmp_path, media):  # noqa: F811
     """Under torchrun each rank draws its own needles from its own haystacks (the pool split between them);
     their gradients must reach the step on both ranks: the ranks end with the same weights, and those differ
-    from the weights of the same run with the needle loss weighted 0."""
+    from the weights of the same run with the needle loss weighted 0; each rank logs the mean over both."""
     import os
     import subprocess
     import sys
@@ -199,10 +199,17 @@ def test_two_cpu_ranks_share_the_needle_gradients(tmp_path, media):  # noqa: F81
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
         "from videoxl2.train import load_config, train\n"
+        "from videoxl2.train.haystack import HaystackPool\n"
+        "own, plain = [], HaystackPool.loss\n"  # record this rank's needle terms, unchanged
+        "def loss(self, *args):\n"
+        "    term = plain(self, *args)\n"
+        "    own.append(float(term.detach()))\n"
+        "    return term\n"
+        "HaystackPool.loss = loss\n"
         "result = train(load_config(sys.argv[1]))\n"
         "needle = [e['needle_loss'] for e in result.log_history if 'needle_loss' in e]\n"
         "weights = {n: p.detach().clone() for n, p in result.model.named_parameters()}\n"
-        "torch.save((needle, weights), f'{sys.argv[2]}/rank{dist.get_rank()}.pt')\n"
+        "torch.save((needle, own, weights), f'{sys.argv[2]}/rank{dist.get_rank()}.pt')\n"
     )
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     frozen = {"vision": False, "dts": False, "projector": True, "llm": True}
@@ -228,10 +235,12 @@ def test_two_cpu_ranks_share_the_needle_gradients(tmp_path, media):  # noqa: F81
         )
         assert done.returncode == 0, done.stderr[-2000:]
         runs[weight] = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
-    (needle0, weights0), (needle1, weights1) = runs[1.0]
-    assert len(needle0) == 2 and needle0 != needle1, (needle0, needle1)  # the ranks drew different needles
+    (needle0, own0, weights0), (needle1, own1, weights1) = runs[1.0]
+    assert len(own0) == len(own1) == 2 and own0 != own1, (own0, own1)  # the ranks drew different needles
+    mean = [round((a + b) / 2, 4) for a, b in zip(own0, own1)]
+    assert needle0 == needle1 == mean, (needle0, needle1, own0, own1)  # each step's log: both ranks' mean
     error = max((weights0[n] - weights1[n]).abs().max().item() for n in weights0)
     assert error < 1e-6, f"the ranks' weights differ by {error:.2e} after 2 steps"
-    unweighted = runs[0.0][0][1]
+    unweighted = runs[0.0][0][2]
     moved = max((weights0[n] - unweighted[n]).abs().max().item() for n in weights0)
     assert moved > 1e-4, f"the needle loss moved no weight under torchrun (max difference {moved:.2e})"

@@ -200,10 +200,22 @@ def part_trainer_class():
             return term * parts if not scaled else term
 
         def log(self, logs: dict, *args, **kwargs):
-            if self.needle_losses and "loss" in logs:
-                logs["needle_loss"] = round(sum(self.needle_losses) / len(self.needle_losses), 4)
-                self.needle_losses = []
+            if self.haystacks is not None and "loss" in logs:  # the same steps on every rank
+                mean = self.mean_needle_loss()
+                if mean is not None:
+                    logs["needle_loss"] = round(mean, 4)
             return super().log(logs, *args, **kwargs)
+
+        def mean_needle_loss(self) -> float | None:
+            """The needle loss since the last log over every rank's needles: each rank draws its own, and
+            the log is rank 0's, like the Trainer's `loss` (which it gathers the same way)."""
+            import torch
+
+            total = torch.tensor([sum(self.needle_losses), len(self.needle_losses)], dtype=torch.float64)
+            self.needle_losses = []
+            if self.args.world_size > 1:
+                torch.distributed.all_reduce(total)
+            return float(total[0] / total[1]) if total[1] else None
 
         def complete_features(self, model, keys, features, pixels) -> list:
             """Stored features as they are; the others computed from their frames (frozen parts, no
